@@ -1,0 +1,202 @@
+"""The only module that touches bcc: compile a probe's C file, attach, read, detach.
+
+Uprobes are attached through libbcc's ``bpf_attach_uprobe`` called directly with
+its seventh argument, ``ref_ctr_offset``: the kernel then increments a USDT
+probe's semaphore in every process that maps the file, including processes
+forked or started after the attach (bcc's Python USDT class refuses system-wide
+attach to probes with semaphores). Attachments are per file (pid -1), so every
+worker and backend of a server is covered by one attach.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import itertools
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+try:  # bcc comes from Debian's python3-bpfcc, seen through a venv with system site packages
+    import bcc  # type: ignore[import-not-found]
+
+    BCC_IMPORT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001 - any import failure means "no bcc"
+    bcc = None
+    BCC_IMPORT_ERROR = f"{exc.__class__.__name__}: {exc}"
+
+
+class BpfError(Exception):
+    """Compiling, loading or attaching failed; the message says what and where."""
+
+
+BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1
+_ev_counter = itertools.count()
+
+
+def probes_dir() -> str:
+    """Directory of the shipped BPF C files (works from a checkout and from a wheel)."""
+    return str(resources.files("otel_ebpf.probes"))
+
+
+def check_source_safe(path: str) -> None:
+    """Refuse C source that someone other than root could have changed.
+
+    The agent runs as root and compiles this file into the kernel: a file or
+    directory writable by group or others would let any user inject code.
+    """
+    for p in (path, os.path.dirname(path)):
+        st = os.stat(p)
+        if st.st_uid not in (0, os.getuid()) or st.st_mode & 0o022:
+            raise BpfError(
+                f"refusing to load BPF C from {p}: it is writable by group/others or not "
+                f"owned by root (mode {st.st_mode & 0o777:o}, uid {st.st_uid})"
+            )
+
+
+class _LibBcc:
+    """libbcc entry points the Python binding does not expose with all their arguments."""
+
+    def __init__(self) -> None:
+        lib = ct.CDLL("libbcc.so.0", use_errno=True)
+        self.attach_uprobe = lib.bpf_attach_uprobe
+        self.attach_uprobe.restype = ct.c_int
+        self.attach_uprobe.argtypes = [
+            ct.c_int, ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_uint64, ct.c_int, ct.c_uint32,
+        ]
+        self.detach_uprobe = lib.bpf_detach_uprobe
+        self.detach_uprobe.restype = ct.c_int
+        self.detach_uprobe.argtypes = [ct.c_char_p]
+        self.close_perf_event_fd = lib.bpf_close_perf_event_fd
+        self.close_perf_event_fd.restype = ct.c_int
+        self.close_perf_event_fd.argtypes = [ct.c_int]
+
+
+_libbcc: _LibBcc | None = None
+_libbcc_lock = threading.Lock()
+
+
+def libbcc() -> _LibBcc:
+    global _libbcc
+    with _libbcc_lock:
+        if _libbcc is None:
+            _libbcc = _LibBcc()
+        return _libbcc
+
+
+@dataclass
+class Attachment:
+    label: str  # what it watches, e.g. "postgresql:query__start"
+    path: str
+    offset: int
+    retprobe: bool
+    fd: int
+    ev_name: str
+
+
+@dataclass
+class Program:
+    """One compiled C file with its attachments and its ring buffer."""
+
+    name: str
+    bpf: object
+    attachments: list[Attachment] = field(default_factory=list)
+    _batch: list[bytes] = field(default_factory=list)
+    _ringbuf_open: bool = False
+
+    def attach_uprobe(self, fn_name: str, path: str, offset: int, *, retprobe: bool = False,
+                      ref_ctr_offset: int = 0, label: str = "") -> Attachment:
+        """Attach a BPF function at a file offset of `path`, for every process (pid -1)."""
+        try:
+            fd = self.bpf.load_func(fn_name, bcc.BPF.KPROBE)  # type: ignore[union-attr]
+        except Exception as exc:
+            raise BpfError(f"loading {fn_name} of {self.name}: {exc}") from exc
+        ev_name = f"{'r' if retprobe else 'p'}_otel_ebpf_{os.getpid()}_{next(_ev_counter)}"
+        lib = libbcc()
+        ct.set_errno(0)
+        perf_fd = lib.attach_uprobe(
+            fd.fd, BPF_PROBE_RETURN if retprobe else BPF_PROBE_ENTRY, ev_name.encode(),
+            path.encode(), offset, -1, ref_ctr_offset,
+        )
+        if perf_fd < 0:
+            err = ct.get_errno()
+            raise BpfError(
+                f"attaching {label or fn_name} at {path}+{offset:#x}"
+                f"{f' (semaphore at {ref_ctr_offset:#x})' if ref_ctr_offset else ''}: "
+                f"{os.strerror(err) if err else 'failed'}"
+            )
+        att = Attachment(label or fn_name, path, offset, retprobe, perf_fd, ev_name)
+        self.attachments.append(att)
+        return att
+
+    def open_ring_buffer(self, map_name: str = "events") -> None:
+        def _collect(_ctx: object, data: int, size: int) -> int:
+            self._batch.append(ct.string_at(data, size))
+            return 0
+
+        self.bpf[map_name].open_ring_buffer(_collect)  # type: ignore[index]
+        self._ringbuf_open = True
+
+    def drain(self) -> list[bytes]:
+        """Every record waiting in the ring buffer, without blocking."""
+        if not self._ringbuf_open:
+            return []
+        self.bpf.ring_buffer_consume()  # type: ignore[attr-defined]
+        batch, self._batch = self._batch, []
+        return batch
+
+    def percpu_sum(self, map_name: str, count: int) -> list[int]:
+        """Sum of a per-CPU array's values, index by index."""
+        table = self.bpf[map_name]  # type: ignore[index]
+        out = []
+        for i in range(count):
+            values = table.getvalue(table.Key(i))
+            out.append(sum(int(v) for v in values))
+        return out
+
+    def table_items(self, map_name: str) -> list[tuple[object, object]]:
+        return list(self.bpf[map_name].items())  # type: ignore[index]
+
+    def detach_all(self) -> None:
+        lib = libbcc()
+        for att in self.attachments:
+            lib.close_perf_event_fd(att.fd)
+            # Only probes created through tracefs have an event to remove; for the
+            # perf PMU path closing the fd is enough and this returns an error we ignore.
+            if os.path.exists(f"/sys/kernel/tracing/events/uprobes/{att.ev_name}"):
+                lib.detach_uprobe(att.ev_name.encode())
+        self.attachments.clear()
+
+    def close(self) -> None:
+        self.detach_all()
+        try:
+            self.bpf.cleanup()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.debug("bcc cleanup of %s failed", self.name, exc_info=True)
+
+
+def compile_program(name: str, c_file: str, cflags: list[str]) -> Program:
+    """Compile one of the shipped probe files with its -D constants."""
+    if bcc is None:
+        raise BpfError(f"bcc is not importable ({BCC_IMPORT_ERROR}); install python3-bpfcc")
+    directory = probes_dir()
+    path = os.path.join(directory, c_file)
+    check_source_safe(path)
+    flags = [f"-I{directory}", "-Wno-unused-function", "-Wno-unused-variable", *cflags]
+    try:
+        b = bcc.BPF(src_file=path.encode(), cflags=flags)
+    except Exception as exc:
+        raise BpfError(f"compiling {c_file} for {name}: {exc}") from exc
+    return Program(name=name, bpf=b)
+
+
+def bcc_version() -> str:
+    if bcc is None:
+        return ""
+    return getattr(bcc, "__version__", "unknown")
+
+
+Callback = Callable[[list[bytes]], None]

@@ -1,0 +1,273 @@
+"""Resources per watched process, and span/metric exporters: console, JSON lines, OTLP.
+
+OTLP spans are not built through the SDK's tracer: its per-span cost (about 137 µs
+here) is too high for the hot path. Batches of SpanData become
+`ExportTraceServiceRequest` messages directly and go out through the SDK's own
+OTLP exporters (gRPC or http/protobuf), so endpoint, headers, timeout,
+compression, TLS and retries still come from the standard OTEL_EXPORTER_OTLP_*
+variables and the exporters' code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import threading
+from typing import IO, Iterable, Protocol
+
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.semconv._incubating.attributes import (
+    container_attributes as CONTAINER,
+    host_attributes as HOST,
+    process_attributes as PROCESS,
+)
+from opentelemetry.semconv.attributes import db_attributes as DB, service_attributes as SERVICE
+
+from . import __version__, process
+from .targets.base import SpanData
+
+log = logging.getLogger(__name__)
+SCOPE = InstrumentationScope(name="otel-ebpf", version=__version__)
+
+
+# --- Resources ------------------------------------------------------------------
+
+
+class ResourceCache:
+    """Resource attributes of each watched process, read once per process identity."""
+
+    def __init__(self, service_name_override: str | None = None):
+        self._by_pid: dict[int, tuple[int, dict[str, object], Resource]] = {}
+        self._override = service_name_override
+        self._lock = threading.Lock()
+
+    def attributes(self, pid: int) -> dict[str, object]:
+        return self._entry(pid)[1]
+
+    def proto(self, pid: int) -> Resource:
+        return self._entry(pid)[2]
+
+    def _entry(self, pid: int) -> tuple[int, dict[str, object], Resource]:
+        fields = process.stat_fields(pid)
+        start = fields[2] if fields else -1
+        with self._lock:
+            cached = self._by_pid.get(pid)
+            # A process that exited keeps its cached Resource (its spans may still be queued).
+            if cached is not None and (start == -1 or cached[0] == start):
+                return cached
+        attrs = self._read(pid, fields)
+        entry = (start, attrs, Resource(attributes=to_key_values(attrs)))
+        with self._lock:
+            if len(self._by_pid) > 4096:
+                self._by_pid.clear()
+            self._by_pid[pid] = entry
+        return entry
+
+    def _read(self, pid: int, fields: tuple[str, int, int] | None) -> dict[str, object]:
+        info = process.proc_info(pid)
+        exe_name = os.path.basename(info.exe) if info and info.exe else (fields[0] if fields else "unknown")
+        service = self._override or process.environ_value(pid, "OTEL_SERVICE_NAME") or exe_name
+        attrs: dict[str, object] = {
+            SERVICE.SERVICE_NAME: service,
+            PROCESS.PROCESS_PID: pid,
+            PROCESS.PROCESS_EXECUTABLE_NAME: exe_name,
+            HOST.HOST_NAME: process.host_name(),
+        }
+        if info and info.exe:
+            attrs[PROCESS.PROCESS_EXECUTABLE_PATH] = info.exe
+        cid = process.container_id(pid)
+        if cid:
+            attrs[CONTAINER.CONTAINER_ID] = cid
+        return attrs
+
+
+# --- proto building ---------------------------------------------------------------
+
+
+def any_value(value: object) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, (list, tuple)):
+        from opentelemetry.proto.common.v1.common_pb2 import ArrayValue
+        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
+    return AnyValue(string_value=str(value))
+
+
+def to_key_values(attrs: dict[str, object]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=any_value(v)) for k, v in attrs.items() if v is not None]
+
+
+_rand = random.Random()
+
+
+def new_ids() -> tuple[bytes, bytes]:
+    bits = _rand.getrandbits(192)
+    return (bits >> 64).to_bytes(16, "big"), (bits & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+
+
+def trace_request(spans: Iterable[SpanData], resources: ResourceCache) -> ExportTraceServiceRequest:
+    """One request for a batch: spans grouped by the Resource of their process."""
+    groups: dict[int, list[Span]] = {}
+    for s in spans:
+        trace_id, span_id = new_ids()
+        groups.setdefault(s.resource_pid, []).append(Span(
+            trace_id=trace_id, span_id=span_id, name=s.name, kind=s.kind,
+            start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
+            attributes=to_key_values(s.attributes),
+            status=Status(code=Status.STATUS_CODE_ERROR, message=s.status_message) if s.error else None,
+        ))
+    return ExportTraceServiceRequest(resource_spans=[
+        ResourceSpans(resource=resources.proto(pid), scope_spans=[ScopeSpans(scope=SCOPE, spans=group)])
+        for pid, group in groups.items()
+    ])
+
+
+# --- exporters --------------------------------------------------------------------
+
+
+class SpanSink(Protocol):
+    def export(self, spans: list[SpanData]) -> bool: ...
+    def shutdown(self) -> None: ...
+
+
+class ConsoleSink:
+    """One readable line per span: `postgresql   12.3 ms  SELECT orders  db=shop pid=4242`."""
+
+    def __init__(self, resources: ResourceCache, stream: IO[str] | None = None,
+                 slow_threshold_s: float | None = None):
+        self._resources = resources
+        self._stream = stream or sys.stdout
+        self._slow = slow_threshold_s
+        self._lock = threading.Lock()
+
+    def export(self, spans: list[SpanData]) -> bool:
+        lines = [self.format(s) for s in spans]
+        with self._lock:
+            self._stream.write("".join(lines))
+            self._stream.flush()
+        return True
+
+    def format(self, s: SpanData) -> str:
+        a = s.attributes
+        system = a.get(DB.DB_SYSTEM_NAME) or a.get("url.scheme") or s.target
+        ms = (s.end_ns - s.start_ns) / 1e6
+        parts = [f"{system:<11}", f"{ms:8.1f} ms", f" {s.name}"]
+        if DB.DB_NAMESPACE in a:
+            parts.append(f"  db={a[DB.DB_NAMESPACE]}")
+        if "http.response.status_code" in a:
+            parts.append(f"  status={a['http.response.status_code']}")
+        parts.append(f"  pid={s.resource_pid}")
+        if s.error:
+            parts.append(f"  ERROR {s.status_message}")
+        if self._slow is not None and s.duration_s >= self._slow:
+            parts.append("  SLOW")
+        return "".join(parts) + "\n"
+
+    def shutdown(self) -> None:
+        self._stream.flush()
+
+
+class JsonlSink:
+    """One JSON object per span, for scripts and tests."""
+
+    def __init__(self, path: str, resources: ResourceCache):
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown
+        self._resources = resources
+        self._lock = threading.Lock()
+
+    def export(self, spans: list[SpanData]) -> bool:
+        rows = []
+        for s in spans:
+            trace_id, span_id = new_ids()
+            rows.append(json.dumps({
+                "trace_id": trace_id.hex(), "span_id": span_id.hex(), "name": s.name, "kind": s.kind,
+                "start_ns": s.start_ns, "end_ns": s.end_ns, "error": s.error,
+                "status_message": s.status_message, "attributes": s.attributes,
+                "resource": self._resources.attributes(s.resource_pid),
+            }, default=str) + "\n")
+        with self._lock:
+            self._fh.write("".join(rows))
+            self._fh.flush()
+        return True
+
+    def shutdown(self) -> None:
+        self._fh.close()
+
+
+def otlp_protocol(signal: str) -> str:
+    value = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+             or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+    if value not in ("grpc", "http/protobuf"):
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={value!r}: use grpc or http/protobuf")
+    return value
+
+
+class OtlpTransport:
+    """Sends prebuilt OTLP requests through the SDK exporters (their settings and retries)."""
+
+    def __init__(self, signal: str):
+        self.signal = signal
+        self.protocol = otlp_protocol(signal)
+        if signal == "traces":
+            if self.protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as E
+            else:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as E
+        else:
+            if self.protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as E
+            else:
+                from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as E
+        self._exporter = E()
+
+    def send(self, request: ExportTraceServiceRequest | ExportMetricsServiceRequest, count: int) -> bool:
+        exporter = self._exporter
+        if self.protocol == "grpc":
+            # The gRPC mixin turns SDK objects into a request in _translate_data; ours is one already.
+            exporter._translate_data = lambda data: data  # type: ignore[method-assign]
+            exporter._count_data = lambda data: count  # type: ignore[method-assign]
+            result = exporter._export(request)  # type: ignore[attr-defined]
+            return getattr(result, "name", str(result)) == "SUCCESS"
+        client = getattr(exporter, "_client", None)
+        if client is not None and hasattr(client, "export"):
+            return bool(client.export(request.SerializePartialToString()).success)
+        response = exporter._export(request.SerializePartialToString())  # type: ignore[attr-defined]
+        return bool(getattr(response, "ok", False))
+
+    def shutdown(self) -> None:
+        try:
+            self._exporter.shutdown()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            log.debug("exporter shutdown failed", exc_info=True)
+
+
+class OtlpSpanSink:
+    def __init__(self, resources: ResourceCache):
+        self._resources = resources
+        self._transport = OtlpTransport("traces")
+
+    def export(self, spans: list[SpanData]) -> bool:
+        return self._transport.send(trace_request(spans, self._resources), len(spans))
+
+    def shutdown(self) -> None:
+        self._transport.shutdown()
+
+
+def make_span_sink(output: str, resources: ResourceCache, slow_threshold_s: float) -> SpanSink:
+    if output == "console":
+        return ConsoleSink(resources, slow_threshold_s=slow_threshold_s)
+    if output == "otlp":
+        return OtlpSpanSink(resources)
+    if output.startswith("jsonl:"):
+        return JsonlSink(output[len("jsonl:"):], resources)
+    raise ValueError(f"unknown output {output!r}: use console, otlp or jsonl:PATH")

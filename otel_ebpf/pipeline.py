@@ -1,0 +1,384 @@
+"""The running agent: attach targets, drain ring buffers, build spans, export, report health.
+
+Threads: the main loop (discovery, draining, decoding), one export thread (the
+span queue, bounded), one metrics thread, and the health/Prometheus HTTP server.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from . import bpf, process
+from .config import Config
+from .elf import ElfError
+from .export import OtlpTransport, ResourceCache, SpanSink, make_span_sink
+from .metrics import MetricStore
+from .targets import registry
+from .targets.base import (
+    STAT_EVENTS, STAT_LOST, STAT_MAX, STAT_OPERATIONS, STAT_UNMATCHED, DecodeContext, SpanData, Target,
+)
+
+log = logging.getLogger(__name__)
+DRAIN_INTERVAL_S = 0.02
+
+
+def mono_to_epoch_offset() -> int:
+    """Nanoseconds to add to CLOCK_MONOTONIC (bpf_ktime_get_ns) to get Unix time."""
+    best = None
+    for _ in range(5):
+        a = time.monotonic_ns()
+        wall = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, wall - (a + b) // 2)
+    assert best is not None
+    return best[1]
+
+
+@dataclass
+class Unit:
+    """One target attached to one binary file."""
+
+    target: Target
+    path: str
+    file_id: process.FileId
+    program: bpf.Program | None = None
+    labels: list[str] = field(default_factory=list)
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+    stats: list[int] = field(default_factory=lambda: [0] * STAT_MAX)
+
+
+class Agent:
+    def __init__(self, config: Config):
+        self.config = config
+        self.targets: list[Target] = [registry.create(n) for n in (config.targets or registry.available())]
+        self.units: dict[tuple[str, process.FileId], Unit] = {}
+        self.resources = ResourceCache()
+        self.metrics = MetricStore()
+        self.ctx = DecodeContext(mono_to_epoch_offset(), config)
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self._queue: collections.deque[SpanData] = collections.deque()
+        self._queue_cv = threading.Condition()
+        self._sink: SpanSink | None = None
+        self._metric_transport: OtlpTransport | None = None
+        self._server: ThreadingHTTPServer | None = None
+        self._prom_server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._last_scan = 0.0
+        self.counts = collections.Counter[str]()  # spans.exported, spans.dropped.<reason>, ...
+
+    # --- discovery and attach ------------------------------------------------
+
+    def discover(self) -> list[tuple[Target, str, process.FileId]]:
+        """Binaries of the enabled targets: well-known paths, configured paths, running processes."""
+        found: dict[tuple[str, process.FileId], tuple[Target, str, process.FileId]] = {}
+        procs = process.processes()
+        for target in self.targets:
+            paths = list(self.config.binaries.get(target.name, ()))
+            for p in paths:
+                if not os.path.exists(p):
+                    self._warn_once(f"missing:{p}", f"{target.name}: configured binary {p} does not exist")
+            paths += target.candidate_paths()
+            for info in procs:
+                if info.exe and target.matches_process(info.comm, info.exe):
+                    # A path in our own mount namespace when it is the same file, else /proc/PID/exe.
+                    paths.append(info.exe if os.path.exists(info.exe) else info.exe_path)
+                    paths.append(info.exe_path)
+            for p in paths:
+                try:
+                    fid = process.FileId.of(p)
+                except OSError:
+                    continue
+                found.setdefault((target.name, fid), (target, p, fid))
+        return list(found.values())
+
+    _warned: set[str] = set()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def attach_new(self) -> None:
+        for target, path, fid in self.discover():
+            key = (target.name, fid)
+            if key in self.units:
+                continue
+            unit = Unit(target, path, fid)
+            self.units[key] = unit
+            try:
+                plan = target.plan(path, self.config)
+                unit.notes = plan.notes
+                cflags = [*plan.cflags, f"-DRINGBUF_PAGES={self.config.ringbuf_pages}"]
+                program = bpf.compile_program(f"{target.name}:{path}", target.c_file, cflags)
+                unit.program = program
+                for spec in plan.attach:
+                    program.attach_uprobe(spec.fn_name, path, spec.offset, retprobe=spec.retprobe,
+                                          ref_ctr_offset=spec.ref_ctr_offset, label=spec.label)
+                    unit.labels.append(spec.label)
+                program.open_ring_buffer()
+                log.info("%s: attached %d probes to %s", target.name, len(unit.labels), path)
+                for note in plan.notes:
+                    log.info("%s: %s", target.name, note)
+            except (ElfError, bpf.BpfError, OSError) as exc:
+                unit.error = str(exc)
+                log.warning("%s: cannot attach to %s: %s", target.name, path, exc)
+                if unit.program is not None:
+                    unit.program.close()
+                    unit.program = None
+                unit.labels.clear()
+
+    # --- running ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sink = make_span_sink(self.config.output, self.resources, self.config.slow_threshold_s)
+        if self.config.output == "otlp":
+            self._metric_transport = OtlpTransport("metrics")
+        self._server = self._serve(self.config.health_addr, self._health_response)
+        if self.config.prometheus_addr:
+            self._prom_server = self._serve(self.config.prometheus_addr, self._prometheus_response)
+        for fn, name in ((self._export_loop, "export"), (self._metrics_loop, "metrics")):
+            t = threading.Thread(target=fn, name=f"otel-ebpf-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.attach_new()
+        self._last_scan = time.monotonic()
+        self.ready.set()
+
+    def run(self) -> None:
+        """Drain until stop_event is set, then shut down cleanly."""
+        self.start()
+        try:
+            while not self.stop_event.is_set():
+                self.poll_once()
+                if time.monotonic() - self._last_scan > self.config.rescan_interval_s:
+                    self._last_scan = time.monotonic()
+                    self.attach_new()
+                self.stop_event.wait(DRAIN_INTERVAL_S)
+        finally:
+            self.shutdown()
+
+    def poll_once(self, final: bool = False) -> int:
+        spans: list[SpanData] = []
+        for unit in list(self.units.values()):
+            if unit.program is None:
+                continue
+            raws = unit.program.drain()
+            if raws:
+                try:
+                    spans.extend(unit.target.decode(raws, self.ctx))
+                except Exception:  # noqa: BLE001 - a decoding bug must not stop the agent
+                    log.exception("%s: decoding %d records failed", unit.target.name, len(raws))
+                    self.counts["spans.dropped.decode_error"] += len(raws)
+        for target in self.targets:
+            spans.extend(target.flush(time.monotonic_ns(), self.ctx, final=final))
+        if spans:
+            self._account(spans)
+        return len(spans)
+
+    def _account(self, spans: list[SpanData]) -> None:
+        """Metrics for every operation, then sampling, then the export queue."""
+        slow = self.config.slow_threshold_s
+        ratio = self.config.sample_ratio
+        keep: list[SpanData] = []
+        for s in spans:
+            target = registry.get(s.target)
+            attrs = {k: s.attributes.get(k) for k in target.metric_attributes}
+            duration = s.duration_s
+            self.metrics.record_duration(target.duration_metric, attrs, duration)
+            is_slow = duration >= slow
+            if is_slow and "db.system.name" in s.attributes:
+                self.metrics.add("otel_ebpf.db.slow_operations", {
+                    "db.system.name": s.attributes.get("db.system.name"),
+                    "db.query.summary": s.attributes.get("db.query.summary", ""),
+                    "db.namespace": s.attributes.get("db.namespace", ""),
+                })
+            if ratio < 1.0 and not s.error and not is_slow and random.random() >= ratio:
+                self.counts["spans.sampled_out"] += 1
+                continue
+            keep.append(s)
+        with self._queue_cv:
+            room = self.config.queue_size - len(self._queue)
+            if room < len(keep):
+                self.counts["spans.dropped.queue_full"] += len(keep) - max(room, 0)
+                keep = keep[:max(room, 0)]
+            self._queue.extend(keep)
+            if len(self._queue) >= self.config.batch_size:
+                self._queue_cv.notify()
+
+    def _export_loop(self) -> None:
+        delay = self.config.export_delay_ms / 1000.0
+        while True:
+            with self._queue_cv:
+                if not self._queue and not self.stop_event.is_set():
+                    self._queue_cv.wait(delay)
+                elif len(self._queue) < self.config.batch_size and not self.stop_event.is_set():
+                    self._queue_cv.wait(delay)
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.config.batch_size))]
+                done = self.stop_event.is_set() and not self._queue
+            if batch:
+                self._export_batch(batch)
+            if done and getattr(self, "_export_final", False):
+                return
+
+    def _export_batch(self, batch: list[SpanData]) -> None:
+        assert self._sink is not None
+        try:
+            ok = self._sink.export(batch)
+        except Exception:  # noqa: BLE001 - a backend problem must not stop the agent
+            log.exception("span export failed")
+            ok = False
+        if ok:
+            self.counts["spans.exported"] += len(batch)
+        else:
+            self.counts["spans.dropped.export_failed"] += len(batch)
+
+    def _metrics_loop(self) -> None:
+        interval = self.config.metric_interval_ms / 1000.0
+        next_export = time.monotonic() + interval
+        while not self.stop_event.wait(1.0):
+            self.read_stats()
+            if time.monotonic() >= next_export:
+                next_export = time.monotonic() + interval
+                self.export_metrics()
+
+    def read_stats(self) -> None:
+        totals = collections.Counter[str]()
+        attached = failed = 0
+        for unit in list(self.units.values()):
+            if unit.program is not None:
+                try:
+                    unit.stats = unit.program.percpu_sum("stats", STAT_MAX)
+                except Exception:  # noqa: BLE001 - map read during shutdown
+                    pass
+                attached += len(unit.labels)
+            elif unit.error:
+                failed += 1
+            name = unit.target.name
+            for key, index in (("otel_ebpf.events", STAT_EVENTS), ("otel_ebpf.events.lost", STAT_LOST),
+                               ("otel_ebpf.starts.unmatched", STAT_UNMATCHED),
+                               ("otel_ebpf.operations", STAT_OPERATIONS)):
+                totals[(key, name)] += unit.stats[index]
+        m = self.metrics
+        for (key, name), value in totals.items():
+            m.set_counter(key, {"target": name}, value)
+        m.set_gauge("otel_ebpf.probes.attached", {}, attached)
+        m.set_gauge("otel_ebpf.probes.failed", {}, failed)
+        m.set_counter("otel_ebpf.spans.exported", {}, self.counts["spans.exported"])
+        for reason in ("queue_full", "export_failed", "decode_error"):
+            m.set_counter("otel_ebpf.spans.dropped", {"reason": reason}, self.counts[f"spans.dropped.{reason}"])
+
+    def export_metrics(self) -> None:
+        if self._metric_transport is None:
+            return
+        request = self.metrics.otlp_request({"service.name": self.config.agent_service_name,
+                                             "host.name": process.host_name(),
+                                             "process.pid": os.getpid()})
+        try:
+            self._metric_transport.send(request, 0)
+        except Exception:  # noqa: BLE001
+            log.exception("metric export failed")
+
+    def shutdown(self) -> None:
+        """Detach first (the watched programs stop paying), then drain and flush."""
+        self.stop_event.set()
+        for unit in self.units.values():
+            if unit.program is not None:
+                try:
+                    raws = unit.program.drain()
+                    if raws:
+                        self._account(list(unit.target.decode(raws, self.ctx)))
+                except Exception:  # noqa: BLE001
+                    log.debug("final drain failed", exc_info=True)
+                unit.program.detach_all()
+        pending = []
+        for target in self.targets:
+            pending.extend(target.flush(time.monotonic_ns(), self.ctx, final=True))
+        if pending:
+            self._account(pending)
+        self._export_final = True
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=3.0)
+        self.read_stats()
+        self.export_metrics()
+        if self._sink is not None:
+            self._sink.shutdown()
+        if self._metric_transport is not None:
+            self._metric_transport.shutdown()
+        for unit in self.units.values():
+            if unit.program is not None:
+                unit.program.close()
+                unit.program = None
+        for server in (self._server, self._prom_server):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+    # --- health and Prometheus -------------------------------------------------
+
+    def status(self) -> dict:
+        units = list(self.units.values())
+        attached = sum(len(u.labels) for u in units if u.program is not None)
+        healthy = self.ready.is_set() and not self.stop_event.is_set()
+        return {
+            "status": "ok" if healthy else "starting",
+            "targets": [
+                {"target": u.target.name, "path": u.path, "probes": u.labels,
+                 **({"error": u.error} if u.error else {}), **({"notes": u.notes} if u.notes else {})}
+                for u in units
+            ],
+            "probes_attached": attached,
+            "attach_failures": sum(1 for u in units if u.error),
+            "events_seen": sum(u.stats[STAT_EVENTS] for u in units),
+            "events_lost": sum(u.stats[STAT_LOST] for u in units),
+            "starts_unmatched": sum(u.stats[STAT_UNMATCHED] for u in units),
+            "spans_exported": self.counts["spans.exported"],
+            "spans_dropped": sum(v for k, v in self.counts.items() if k.startswith("spans.dropped.")),
+            "spans_sampled_out": self.counts["spans.sampled_out"],
+            "queue_length": len(self._queue),
+        }
+
+    def _health_response(self, path: str) -> tuple[int, str, str]:
+        if path.rstrip("/") != "/healthz":
+            return 404, "text/plain", "not found\n"
+        status = self.status()
+        code = 200 if status["status"] == "ok" else 503
+        return code, "application/json", json.dumps(status) + "\n"
+
+    def _prometheus_response(self, path: str) -> tuple[int, str, str]:
+        if path.rstrip("/") not in ("/metrics", ""):
+            return 404, "text/plain", "not found\n"
+        self.read_stats()
+        return 200, "text/plain; version=0.0.4", self.metrics.prometheus_text()
+
+    def _serve(self, addr: str, respond) -> ThreadingHTTPServer:
+        host, _, port = addr.rpartition(":")
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                code, ctype, body = respond(self.path.split("?", 1)[0])
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name=f"otel-ebpf-http-{port}", daemon=True).start()
+        return server

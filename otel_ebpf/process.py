@@ -1,0 +1,131 @@
+"""What /proc says about processes: executables, environment, container, parents.
+
+Everything here tolerates processes that vanish while being read.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+PROC = "/proc"
+_CONTAINER_ID_RE = re.compile(r"([0-9a-f]{64})")
+
+
+@dataclass(frozen=True, slots=True)
+class FileId:
+    """A file on disk, by identity rather than by name (one attach per file)."""
+
+    dev: int
+    inode: int
+
+    @staticmethod
+    def of(path: str) -> "FileId":
+        st = os.stat(path)
+        return FileId(st.st_dev, st.st_ino)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    comm: str
+    exe: str  # path as the process sees it ("" when unreadable)
+    exe_path: str  # a path the agent can open: /proc/PID/root/<exe> for other mount namespaces
+    start_time: int  # clock ticks since boot: with pid, a process identity
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def stat_fields(pid: int) -> tuple[str, int, int] | None:
+    """(comm, ppid, start time) from /proc/PID/stat."""
+    raw = _read(f"{PROC}/{pid}/stat")
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace")
+    close = text.rfind(")")
+    comm = text[text.find("(") + 1:close]
+    fields = text[close + 2:].split()
+    try:
+        return comm, int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    comm, ppid, start = fields
+    try:
+        exe = os.readlink(f"{PROC}/{pid}/exe")
+    except OSError:
+        exe = ""
+    if exe.endswith(" (deleted)"):
+        exe = exe[: -len(" (deleted)")]
+    # /proc/PID/exe opens the running file itself, also for a replaced (deleted) binary
+    # and from another mount namespace (a container), so it is the path we attach to.
+    exe_path = f"{PROC}/{pid}/exe" if exe else ""
+    return ProcInfo(pid, ppid, comm, exe, exe_path, start)
+
+
+def all_pids() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir(PROC) if n.isdigit()]
+    except OSError:
+        return []
+
+
+def processes() -> list[ProcInfo]:
+    return [p for pid in all_pids() if (p := proc_info(pid)) is not None]
+
+
+def environ_value(pid: int, name: str) -> str | None:
+    raw = _read(f"{PROC}/{pid}/environ")
+    if not raw:
+        return None
+    prefix = name.encode() + b"="
+    for entry in raw.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode("utf-8", "replace")
+    return None
+
+
+def container_id(pid: int) -> str | None:
+    """The 64-hex container id from the process's cgroup path, if it runs in one."""
+    raw = _read(f"{PROC}/{pid}/cgroup")
+    if not raw:
+        return None
+    for line in raw.decode("utf-8", "replace").splitlines():
+        path = line.rsplit(":", 1)[-1]
+        m = _CONTAINER_ID_RE.search(path)
+        if m:
+            return m.group(1)
+    return None
+
+
+def mapped_files(pid: int, name_re: re.Pattern[str]) -> set[str]:
+    """Paths of files mapped by a process whose basename matches (e.g. libssl)."""
+    raw = _read(f"{PROC}/{pid}/maps")
+    if not raw:
+        return set()
+    out: set[str] = set()
+    for line in raw.decode("utf-8", "replace").splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith("/") and name_re.search(os.path.basename(parts[5])):
+            out.add(parts[5])
+    return out
+
+
+_HOSTNAME = socket.gethostname()
+
+
+def host_name() -> str:
+    return _HOSTNAME
