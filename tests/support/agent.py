@@ -1,0 +1,75 @@
+"""Run the real agent as a subprocess, the way a user does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from otel_ebpf.servers import free_port
+
+
+class AgentProcess:
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        self.health_port = free_port()
+        self.args = ["run", "--health-addr", f"127.0.0.1:{self.health_port}", *args]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        self.env = {**base, "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+                    **(env or {})}
+        self.log = tempfile.NamedTemporaryFile(prefix="otel-ebpf-agent-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.stop_seconds: float | None = None
+
+    def start(self, timeout: float = 30.0) -> "AgentProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "otel_ebpf.cli", *self.args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                code, status = self.health()
+                if code == 200:
+                    self.started_status = status
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"agent not healthy after {timeout} s:\n{self.output()}")
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def output(self) -> str:
+        with open(self.log.name, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            t0 = time.monotonic()
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.stop_seconds = time.monotonic() - t0
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def __enter__(self) -> "AgentProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
