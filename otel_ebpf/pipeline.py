@@ -22,7 +22,7 @@ from .export import OtlpTransport, ResourceCache, SpanSink, make_span_sink
 from .metrics import MetricStore
 from .targets import registry
 from .targets.base import (
-    STAT_EVENTS, STAT_LOST, STAT_MAX, STAT_OPERATIONS, STAT_UNMATCHED, DecodeContext, SpanData, Target,
+    STAT_EVENTS, STAT_LOST, STAT_MAX, STAT_OPERATIONS, STAT_SAMPLED_OUT, STAT_UNMATCHED, DecodeContext, SpanData, Target,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,9 @@ class Agent:
             try:
                 plan = target.plan(path, self.config)
                 unit.notes = plan.notes
-                cflags = [*plan.cflags, f"-DRINGBUF_PAGES={self.config.ringbuf_pages}"]
+                cflags = [*plan.cflags, f"-DRINGBUF_PAGES={self.config.ringbuf_pages}",
+                          f"-DSAMPLE_PERMILLE={round(self.config.sample_ratio * 1000)}",
+                          f"-DSLOW_NS={int(self.config.slow_threshold_ms * 1_000_000)}ULL"]
                 program = bpf.compile_program(f"{target.name}:{path}", target.c_file, cflags)
                 unit.program = program
                 for spec in plan.attach:
@@ -192,9 +194,10 @@ class Agent:
         keep: list[SpanData] = []
         for s in spans:
             target = registry.get(s.target)
-            attrs = {k: s.attributes.get(k) for k in target.metric_attributes}
             duration = s.duration_s
-            self.metrics.record_duration(target.duration_metric, attrs, duration)
+            if not target.kernel_histograms:
+                attrs = {k: s.attributes.get(k) for k in target.metric_attributes}
+                self.metrics.record_duration(target.duration_metric, attrs, duration)
             is_slow = duration >= slow
             if is_slow and "db.system.name" in s.attributes:
                 self.metrics.add("otel_ebpf.db.slow_operations", {
@@ -202,7 +205,8 @@ class Agent:
                     "db.query.summary": s.attributes.get("db.query.summary", ""),
                     "db.namespace": s.attributes.get("db.namespace", ""),
                 })
-            if ratio < 1.0 and not s.error and not is_slow and random.random() >= ratio:
+            if (ratio < 1.0 and not target.kernel_histograms and not s.error and not is_slow
+                    and random.random() >= ratio):
                 self.counts["spans.sampled_out"] += 1
                 continue
             keep.append(s)
@@ -265,9 +269,11 @@ class Agent:
                 failed += 1
             name = unit.target.name
             for key, index in (("otel_ebpf.events", STAT_EVENTS), ("otel_ebpf.events.lost", STAT_LOST),
+                               ("otel_ebpf.spans.sampled_out", STAT_SAMPLED_OUT),
                                ("otel_ebpf.starts.unmatched", STAT_UNMATCHED),
                                ("otel_ebpf.operations", STAT_OPERATIONS)):
                 totals[(key, name)] += unit.stats[index]
+        self._read_kernel_histograms()
         m = self.metrics
         for (key, name), value in totals.items():
             m.set_counter(key, {"target": name}, value)
@@ -276,6 +282,35 @@ class Agent:
         m.set_counter("otel_ebpf.spans.exported", {}, self.counts["spans.exported"])
         for reason in ("queue_full", "export_failed", "decode_error"):
             m.set_counter("otel_ebpf.spans.dropped", {"reason": reason}, self.counts[f"spans.dropped.{reason}"])
+
+    def _read_kernel_histograms(self) -> None:
+        """Cumulative duration histograms from every program's `hist` maps, summed per target."""
+        nbuckets = len(self.metrics.buckets) + 1
+        per_target: dict[str, dict[int, list]] = {}
+        for unit in list(self.units.values()):
+            if unit.program is None or not unit.target.kernel_histograms:
+                continue
+            dims = per_target.setdefault(unit.target.name, {})
+            try:
+                for key, value in unit.program.table_items("hist"):
+                    entry = dims.setdefault(key.dim, [[0] * nbuckets, 0])
+                    if key.bucket < nbuckets:
+                        entry[0][key.bucket] += value.value
+                for key, value in unit.program.table_items("hist_sum"):
+                    entry = dims.setdefault(key.value, [[0] * nbuckets, 0])
+                    entry[1] += value.value
+            except Exception:  # noqa: BLE001 - a map read racing shutdown
+                log.debug("reading histograms of %s failed", unit.path, exc_info=True)
+        for name, dims in per_target.items():
+            target = registry.get(name)
+            merged: dict[tuple, list] = {}  # several dims may map to the same attributes
+            for dim, (counts, total_ns) in dims.items():
+                attrs = target.hist_attributes(dim)
+                entry = merged.setdefault(tuple(sorted(attrs.items())), [[0] * nbuckets, 0])
+                entry[0] = [a + b for a, b in zip(entry[0], counts)]
+                entry[1] += total_ns
+            for attrs_key, (counts, total_ns) in merged.items():
+                self.metrics.set_histogram(target.duration_metric, dict(attrs_key), counts, total_ns / 1e9)
 
     def export_metrics(self) -> None:
         if self._metric_transport is None:

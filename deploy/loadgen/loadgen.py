@@ -159,7 +159,7 @@ def http_round(i, bases, ctx):
     if i % 25 == 0:
         paths.append("/missing")  # 404
     if i % 50 == 0:
-        paths.append("/error")  # 500, well under the 5 % alert threshold
+        paths.append("/error")  # 500: about 1 % of requests, under the 5 % alert threshold
     for base in bases:
         for path in paths:
             try:

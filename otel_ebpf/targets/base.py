@@ -19,6 +19,10 @@ KIND_CLIENT = 3
 STAT_EVENTS, STAT_LOST, STAT_UNMATCHED, STAT_SAMPLED_OUT, STAT_OPERATIONS = range(5)
 STAT_MAX = 8
 
+# First-keyword statement kinds the kernel tells apart (probes/common.h sql_operation()).
+SQL_OPERATIONS = ("_OTHER", "SELECT", "INSERT", "UPDATE", "DELETE", "BEGIN", "COMMIT", "ROLLBACK", "WITH",
+                  "CALL", "CREATE", "DROP", "ALTER", "SET", "SHOW", "COPY", "REPLACE", "TRUNCATE", "EXPLAIN")
+
 # Stable duration buckets of http.server.request.duration and db.client.operation.duration (s).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
@@ -91,6 +95,14 @@ class Target(ABC):
     # The duration metric this target's spans feed, and its low-cardinality attributes.
     duration_metric: ClassVar[str]
     metric_attributes: ClassVar[tuple[str, ...]]
+    # True when the C file keeps the `hist`/`hist_sum` maps and samples before the ring
+    # buffer (probes/common.h): the pipeline then reads durations from the kernel and
+    # neither records them from spans nor samples spans again.
+    kernel_histograms: ClassVar[bool] = False
+
+    def hist_attributes(self, dim: int) -> dict[str, object]:
+        """Metric attributes of a kernel histogram key (`dim` of struct hist_key)."""
+        return {}
 
     @abstractmethod
     def candidate_paths(self) -> list[str]:
