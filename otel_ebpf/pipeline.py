@@ -88,6 +88,7 @@ class Agent:
                 if not os.path.exists(p):
                     self._warn_once(f"missing:{p}", f"{target.name}: configured binary {p} does not exist")
             paths += target.candidate_paths()
+            paths += target.extra_paths(procs)
             for info in procs:
                 if info.exe and target.matches_process(info.comm, info.exe):
                     # A path in our own mount namespace when it is the same file, else /proc/PID/exe.

@@ -112,6 +112,11 @@ class Target(ABC):
     def matches_process(self, comm: str, exe: str) -> bool:
         """Whether a running process is an instance of this target."""
 
+    def extra_paths(self, procs: list) -> list[str]:
+        """More binaries to attach to, from the running processes (list of process.ProcInfo):
+        e.g. the shared libraries they map. Default: none."""
+        return []
+
     @abstractmethod
     def inspect(self, path: str) -> Inspection:
         """Which probes the binary offers; never raises for an unusable binary."""
