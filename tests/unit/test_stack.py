@@ -141,10 +141,11 @@ PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "by", 
 
 
 def promql_metric_names(expr):
+    """Metric names a PromQL expression (or a Grafana label_values() query) reads."""
+    label_values = re.match(r"\s*label_values\(\s*([a-zA-Z_:][\w:]*)\s*,", expr)
+    if label_values:
+        return {label_values.group(1)}
     names = set()
-    for m in re.finditer(r"label_values\(\s*([a-zA-Z_:][\w:]*)", expr):
-        names.add(m.group(1))
-        return names
     s = re.sub(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'', '""', expr)  # strings
     s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers (and $variables in them)
     s = re.sub(r"\[[^\]]*\]", " ", s)  # ranges, subqueries, $__rate_interval
