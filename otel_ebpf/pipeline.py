@@ -366,9 +366,13 @@ class Agent:
     def status(self) -> dict:
         units = list(self.units.values())
         attached = sum(len(u.labels) for u in units if u.program is not None)
-        healthy = self.ready.is_set() and not self.stop_event.is_set()
+        failed = [u for u in units if u.error]
+        if not self.ready.is_set() or self.stop_event.is_set():
+            state = "starting" if not self.stop_event.is_set() else "stopping"
+        else:
+            state = "degraded" if failed else "ok"  # degraded: some probe could not be attached
         return {
-            "status": "ok" if healthy else "starting",
+            "status": state,
             "targets": [
                 {"target": u.target.name, "path": u.path, "probes": u.labels,
                  **({"error": u.error} if u.error else {}), **({"notes": u.notes} if u.notes else {})}

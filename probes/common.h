@@ -84,43 +84,73 @@ static __always_inline int sample_keep(u64 duration_ns, int failed)
 }
 
 /* SQL statement kind from the first keyword, for low-cardinality metric keys.
- * Mirrored by SQL_OPERATIONS in otel_ebpf/targets/base.py; 0 = other. */
-static __always_inline u32 sql_operation(const char *q)
+ * Mirrored by SQL_OPERATIONS in otel_ebpf/targets/base.py; 0 = other.
+ * Keywords are compared as little-endian u64 words: no string literals (they
+ * would live in a read-only section bcc cannot load) and no memcmp calls. */
+#define KW_C(ch, i) ((u64)(unsigned char)(ch) << (8 * (i)))
+#define KW3(a, b, c) (KW_C(a, 0) | KW_C(b, 1) | KW_C(c, 2))
+#define KW4(a, b, c, d) (KW3(a, b, c) | KW_C(d, 3))
+#define KW5(a, b, c, d, e) (KW4(a, b, c, d) | KW_C(e, 4))
+#define KW6(a, b, c, d, e, f) (KW5(a, b, c, d, e) | KW_C(f, 5))
+#define KW7(a, b, c, d, e, f, g) (KW6(a, b, c, d, e, f) | KW_C(g, 6))
+#define KW8(a, b, c, d, e, f, g, h) (KW7(a, b, c, d, e, f, g) | KW_C(h, 7))
+#define KW_MASK(n) ((n) == 8 ? ~0ULL : ((1ULL << (8 * (n))) - 1))
+
+static __always_inline int is_word_char(char ch)
 {
-    char c[9] = {};
-    int start = 0;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        char ch = q[start];
-        if (ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '(')
-            start++;
-    }
+    return (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || ch == '_' || (ch >= '0' && ch <= '9');
+}
+
+static __always_inline int is_blank(char ch)
+{
+    return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '(';
+}
+
+/* Keyword at a constant offset of `q` (constant so the verifier sees fixed reads). */
+static __always_inline u32 sql_operation_at(const char *q, const int off)
+{
+    u64 w = 0;
 #pragma unroll
     for (int i = 0; i < 8; i++) {
-        char ch = q[start + i];
-        c[i] = (ch >= 'a' && ch <= 'z') ? ch - 32 : ch;
+        char ch = q[off + i];
+        if (ch >= 'a' && ch <= 'z')
+            ch -= 32;
+        w |= KW_C(ch, i);
     }
-#define KW(s, n) (__builtin_memcmp(c, s, n) == 0 && !((c[n] >= 'A' && c[n] <= 'Z') || c[n] == '_'))
-    if (KW("SELECT", 6)) return 1;
-    if (KW("INSERT", 6)) return 2;
-    if (KW("UPDATE", 6)) return 3;
-    if (KW("DELETE", 6)) return 4;
-    if (KW("BEGIN", 5) || KW("START", 5)) return 5;
-    if (KW("COMMIT", 6) || KW("END", 3)) return 6;
-    if (KW("ROLLBACK", 8) || KW("ABORT", 5)) return 7;
-    if (KW("WITH", 4)) return 8;
-    if (KW("CALL", 4)) return 9;
-    if (KW("CREATE", 6)) return 10;
-    if (KW("DROP", 4)) return 11;
-    if (KW("ALTER", 5)) return 12;
-    if (KW("SET", 3)) return 13;
-    if (KW("SHOW", 4)) return 14;
-    if (KW("COPY", 4)) return 15;
-    if (KW("REPLACE", 7)) return 16;
-    if (KW("TRUNCATE", 8)) return 17;
-    if (KW("EXPLAIN", 7)) return 18;
-#undef KW
+#define IS(n, word) ((w & KW_MASK(n)) == (word) && !is_word_char(q[off + (n)]))
+    if (IS(6, KW6('S', 'E', 'L', 'E', 'C', 'T'))) return 1;
+    if (IS(6, KW6('I', 'N', 'S', 'E', 'R', 'T'))) return 2;
+    if (IS(6, KW6('U', 'P', 'D', 'A', 'T', 'E'))) return 3;
+    if (IS(6, KW6('D', 'E', 'L', 'E', 'T', 'E'))) return 4;
+    if (IS(5, KW5('B', 'E', 'G', 'I', 'N')) || IS(5, KW5('S', 'T', 'A', 'R', 'T'))) return 5;
+    if (IS(6, KW6('C', 'O', 'M', 'M', 'I', 'T')) || IS(3, KW3('E', 'N', 'D'))) return 6;
+    if (IS(8, KW8('R', 'O', 'L', 'L', 'B', 'A', 'C', 'K')) || IS(5, KW5('A', 'B', 'O', 'R', 'T'))) return 7;
+    if (IS(4, KW4('W', 'I', 'T', 'H'))) return 8;
+    if (IS(4, KW4('C', 'A', 'L', 'L'))) return 9;
+    if (IS(6, KW6('C', 'R', 'E', 'A', 'T', 'E'))) return 10;
+    if (IS(4, KW4('D', 'R', 'O', 'P'))) return 11;
+    if (IS(5, KW5('A', 'L', 'T', 'E', 'R'))) return 12;
+    if (IS(3, KW3('S', 'E', 'T'))) return 13;
+    if (IS(4, KW4('S', 'H', 'O', 'W'))) return 14;
+    if (IS(4, KW4('C', 'O', 'P', 'Y'))) return 15;
+    if (IS(7, KW7('R', 'E', 'P', 'L', 'A', 'C', 'E'))) return 16;
+    if (IS(8, KW8('T', 'R', 'U', 'N', 'C', 'A', 'T', 'E'))) return 17;
+    if (IS(7, KW7('E', 'X', 'P', 'L', 'A', 'I', 'N'))) return 18;
+#undef IS
     return 0;
+}
+
+/* `q` holds at least 16 bytes of BPF memory (the head of the query); up to three
+ * leading blanks or parentheses are skipped. */
+static __always_inline u32 sql_operation(const char *q)
+{
+    if (!is_blank(q[0]))
+        return sql_operation_at(q, 0);
+    if (!is_blank(q[1]))
+        return sql_operation_at(q, 1);
+    if (!is_blank(q[2]))
+        return sql_operation_at(q, 2);
+    return sql_operation_at(q, 3);
 }
 
 /* Kernel macros such as min() type-check their arguments and do not compile with

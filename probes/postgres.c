@@ -25,8 +25,11 @@
 struct inflight {
     u64 start_ns;
     u64 query_ptr;
+    u64 abort_ns;
     u32 sqlstate;
     u32 aborted;
+    u32 operation; /* sql_operation() of the query, for the histogram */
+    u32 pad;
 };
 
 struct pg_event {
@@ -48,6 +51,8 @@ BPF_TABLE("lru_hash", u32, struct inflight, inflight, INFLIGHT_MAX);
 BPF_PERCPU_ARRAY(scratch, struct pg_event, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
+BPF_HASH(hist_sum, u64, u64, HIST_MAX);
 
 static __always_inline void stat_inc(int index)
 {
@@ -56,14 +61,45 @@ static __always_inline void stat_inc(int index)
         (*value)++;
 }
 
+/* dim: statement kind in bits 0-7, failed in bit 8, SQLSTATE (MAKE_SQLSTATE) from bit 9. */
+static __always_inline void hist_record(u32 operation, u32 failed, u32 sqlstate, u64 duration_ns)
+{
+    struct hist_key key = {};
+    key.dim = (u64)operation | ((u64)(failed ? 1 : 0) << 8) | ((u64)(failed ? sqlstate : 0) << 9);
+    key.bucket = duration_bucket(duration_ns);
+    u64 zero = 0;
+    u64 *count = hist.lookup_or_try_init(&key, &zero);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    u64 *sum = hist_sum.lookup_or_try_init(&key.dim, &zero);
+    if (sum)
+        __sync_fetch_and_add(sum, duration_ns);
+    stat_inc(STAT_OPERATIONS);
+}
+
+/* sql_operation() needs the text in BPF memory: read just its head. */
+static __always_inline u32 operation_of(u64 query_ptr)
+{
+    char head[24] = {};
+    bpf_probe_read_user(head, 16, (void *)query_ptr);
+    return sql_operation(head);
+}
+
 int on_query_start(struct pt_regs *ctx)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight entry = {};
-    if (inflight.lookup(&tid))
-        stat_inc(STAT_UNMATCHED); /* the previous query never finished or aborted */
+    struct inflight *previous = inflight.lookup(&tid);
+    if (previous) {
+        if (previous->aborted) /* aborted by an elog(ERROR) with no SQLSTATE: XX000 */
+            hist_record(previous->operation, 1, 0xa28 /* MAKE_SQLSTATE XX000 */,
+                        previous->abort_ns - previous->start_ns);
+        else
+            stat_inc(STAT_UNMATCHED); /* the previous query never finished or aborted */
+    }
     entry.start_ns = bpf_ktime_get_ns();
     entry.query_ptr = ARG_QUERY_START;
+    entry.operation = operation_of(entry.query_ptr);
     inflight.update(&tid, &entry);
     return 0;
 }
@@ -78,15 +114,32 @@ int on_errcode(struct pt_regs *ctx)
     return 0;
 }
 
+/* Record the histogram (unless `kind` only marks an abort that a done may follow),
+ * then send the query as a span record when sampling keeps it. */
 static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32 tid,
                                 u32 kind, u64 query_ptr, u64 load_base)
 {
+    u64 now = bpf_ktime_get_ns();
+    u64 duration = now - entry->start_ns;
+    int keep = 1;
+    if (kind == KIND_DONE && !entry->aborted) {
+        hist_record(entry->operation, 0, 0, duration);
+        keep = sample_keep(duration, 0);
+    } else if (kind == KIND_DONE) {
+        hist_record(entry->operation, 0, 0, duration); /* a ROLLBACK: its abort was no error */
+    } else if (kind == KIND_ABORT) {
+        hist_record(entry->operation, 1, entry->sqlstate, duration);
+    }
+    if (!keep) {
+        stat_inc(STAT_SAMPLED_OUT);
+        return 0;
+    }
     int zero = 0;
     struct pg_event *ev = scratch.lookup(&zero);
     if (!ev)
         return 0;
     ev->start_ns = entry->start_ns;
-    ev->end_ns = bpf_ktime_get_ns();
+    ev->end_ns = now;
     ev->pid = bpf_get_current_pid_tgid() >> 32;
     ev->kind = kind;
     ev->sqlstate = entry->sqlstate;
@@ -116,8 +169,6 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
     if (qlen >= QUERY_MAX)
         size = sizeof(struct pg_event);
     stat_inc(events.ringbuf_output(ev, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
-    if (kind != KIND_ABORT_NO_CODE)
-        stat_inc(STAT_OPERATIONS);
     return 0;
 }
 
@@ -148,6 +199,7 @@ int on_transaction_abort(struct pt_regs *ctx)
          * holds this record briefly and drops it if that done follows. */
         emit(ctx, entry, tid, KIND_ABORT_NO_CODE, entry->query_ptr, LOAD_BASE_ABORT);
         entry->aborted = 1;
+        entry->abort_ns = bpf_ktime_get_ns();
     }
     return 0;
 }

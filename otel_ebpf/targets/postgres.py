@@ -30,7 +30,7 @@ from opentelemetry.semconv.attributes import (
 from .. import process, sql
 from ..elf import ElfError, elf_info
 from .base import (
-    KIND_SERVER, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target,
+    KIND_SERVER, SQL_OPERATIONS, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target,
 )
 
 PROVIDER = "postgresql"
@@ -85,6 +85,18 @@ class PostgresTarget(Target):
     c_file = "postgres.c"
     duration_metric = "db.server.operation.duration"
     metric_attributes = (DB.DB_SYSTEM_NAME, DB.DB_OPERATION_NAME, ERROR.ERROR_TYPE)
+    kernel_histograms = True
+
+    def hist_attributes(self, dim: int) -> dict[str, object]:
+        """probes/postgres.c: kind in bits 0-7, failed in bit 8, SQLSTATE from bit 9."""
+        op = dim & 0xFF
+        attrs: dict[str, object] = {
+            DB.DB_SYSTEM_NAME: "postgresql",
+            DB.DB_OPERATION_NAME: SQL_OPERATIONS[op] if op < len(SQL_OPERATIONS) else "_OTHER",
+        }
+        if dim >> 8 & 1:
+            attrs[ERROR.ERROR_TYPE] = sqlstate_text(dim >> 9)
+        return attrs
 
     def __init__(self) -> None:
         self._pending: dict[tuple[int, int], tuple[bytes, int]] = {}
