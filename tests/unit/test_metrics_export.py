@@ -1,0 +1,58 @@
+import io
+
+from otel_ebpf.export import ConsoleSink, ResourceCache, trace_request
+from otel_ebpf.metrics import MetricStore
+from otel_ebpf.targets.base import KIND_SERVER, SpanData
+
+
+def span(ms: float, error: bool = False) -> SpanData:
+    return SpanData("SELECT orders", KIND_SERVER, 1_000_000_000, 1_000_000_000 + int(ms * 1e6),
+                    {"db.system.name": "postgresql", "db.namespace": "shop", "client.port": 5}, 4242, "postgres",
+                    error=error, status_message="SQLSTATE 42P01" if error else "")
+
+
+def test_console_line():
+    out = io.StringIO()
+    ConsoleSink(ResourceCache(), out, slow_threshold_s=0.5).export([span(12.3), span(800, error=True)])
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["postgresql", "12.3", "ms", "SELECT", "orders", "db=shop", "pid=4242"]
+    assert lines[1].endswith("ERROR SQLSTATE 42P01  SLOW")
+
+
+def test_trace_request_groups_by_resource_and_types():
+    req = trace_request([span(1), span(2, error=True)], ResourceCache())
+    (rs,) = req.resource_spans
+    spans = rs.scope_spans[0].spans
+    assert len(spans) == 2 and spans[1].status.code == 2 and spans[0].status.code == 0
+    kv = {a.key: a.value for a in spans[0].attributes}
+    assert kv["client.port"].int_value == 5 and kv["db.namespace"].string_value == "shop"
+    assert len(spans[0].trace_id) == 16 and len(spans[0].span_id) == 8
+    assert {a.key for a in rs.resource.attributes} >= {"service.name", "process.pid", "host.name"}
+
+
+def test_histogram_buckets_and_prometheus_text():
+    m = MetricStore()
+    for seconds in (0.001, 0.005, 0.2, 3.0, 30.0):
+        m.record_duration("db.server.operation.duration", {"db.system.name": "postgresql"}, seconds)
+    m.add("otel_ebpf.db.slow_operations", {"db.query.summary": 'SELECT "x"'})
+    m.set_gauge("otel_ebpf.ringbuf.usage", {"target": "postgres"}, 0.25)
+    text = m.prometheus_text()
+    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="0.005"} 2' in text
+    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="0.25"} 3' in text
+    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="+Inf"} 5' in text
+    assert 'db_server_operation_duration_seconds_count{db_system_name="postgresql"} 5' in text
+    assert 'otel_ebpf_db_slow_operations_total{db_query_summary="SELECT \\"x\\""} 1' in text
+    assert 'otel_ebpf_ringbuf_usage_ratio{target="postgres"} 0.25' in text
+    req = m.otlp_request({"service.name": "otel-ebpf"})
+    metrics = {x.name: x for x in req.resource_metrics[0].scope_metrics[0].metrics}
+    hist = metrics["db.server.operation.duration"].histogram.data_points[0]
+    assert list(hist.bucket_counts) == [2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 1] and hist.count == 5
+    assert metrics["db.server.operation.duration"].unit == "s"
+
+
+def test_series_cap_overflows():
+    m = MetricStore(max_series=3)
+    for i in range(10):
+        m.add("otel_ebpf.db.slow_operations", {"db.query.summary": f"SELECT t{i}"})
+    assert m.counter_value("otel_ebpf.db.slow_operations") == 10
+    assert 'otel_metric_overflow="true"' in m.prometheus_text()
