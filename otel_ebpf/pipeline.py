@@ -57,8 +57,9 @@ class Unit:
 
 
 class Agent:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, span_observer=None):
         self.config = config
+        self.span_observer = span_observer  # called with each exported batch (the demo's summary)
         self.targets: list[Target] = [registry.create(n) for n in (config.targets or registry.available())]
         self.units: dict[tuple[str, process.FileId], Unit] = {}
         self.resources = ResourceCache()
@@ -242,6 +243,8 @@ class Agent:
         except Exception:  # noqa: BLE001 - a backend problem must not stop the agent
             log.exception("span export failed")
             ok = False
+        if self.span_observer is not None:
+            self.span_observer(batch)
         if ok:
             self.counts["spans.exported"] += len(batch)
         else:

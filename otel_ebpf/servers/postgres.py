@@ -77,3 +77,53 @@ class PostgresServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class PostgresDemo:
+    """`otel-ebpf demo`'s PostgreSQL: a shop database with fast, slow and failing queries."""
+
+    name = "postgres"
+
+    def __init__(self) -> None:
+        self.server = PostgresServer(env={"OTEL_SERVICE_NAME": "shop-postgres"}).start()
+        self.server.psql("CREATE DATABASE shop")
+        self.server.psql(
+            "CREATE TABLE orders (id serial PRIMARY KEY, customer text NOT NULL, total numeric);"
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);"
+            "INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 100) g;", db="shop")
+
+    def workload(self, stop, counts) -> None:
+        import random
+
+        import psycopg2
+
+        conn = psycopg2.connect(self.server.dsn("shop"))
+        conn.autocommit = True
+        cur = conn.cursor()
+        rng = random.Random(7)
+        while not stop.is_set():
+            roll = rng.random()
+            try:
+                if roll < 0.45:
+                    cur.execute("SELECT name FROM customers WHERE id = %s", (rng.randint(1, 100),))
+                    counts["postgres fast"] += 1
+                elif roll < 0.9:
+                    cur.execute("INSERT INTO orders (customer, total) VALUES (%s, %s)",
+                                (f"customer {rng.randint(1, 100)}", rng.randint(1, 500)))
+                    counts["postgres fast"] += 1
+                elif roll < 0.95:
+                    cur.execute("SELECT pg_sleep(%s)", (rng.choice([0.3, 0.6]),))
+                    counts["postgres slow"] += 1
+                else:
+                    cur.execute("SELECT * FROM invoices WHERE id = 1")
+            except psycopg2.Error:
+                counts["postgres failing"] += 1
+            stop.wait(0.02)
+        conn.close()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def demo_server() -> PostgresDemo:
+    return PostgresDemo()
