@@ -35,6 +35,7 @@ class Config:
     batch_size: int = 2048
     export_delay_ms: int = 1000
     metric_interval_ms: int = 60000
+    drain_interval_ms: int = 20  # ring buffers are drained in batches this often
     rescan_interval_s: float = 5.0  # how often to look for new/replaced binaries
     agent_service_name: str = "otel-ebpf"
     log_level: str = "info"
@@ -105,7 +106,7 @@ def _validate(cfg: Config) -> Config:
     p = cfg.ringbuf_pages
     if p < 1 or p & (p - 1):
         raise bad("ringbuf_pages", "must be a power of two")
-    for key in ("queue_size", "batch_size", "export_delay_ms", "metric_interval_ms"):
+    for key in ("queue_size", "batch_size", "export_delay_ms", "metric_interval_ms", "drain_interval_ms"):
         if getattr(cfg, key) <= 0:
             raise bad(key, "must be > 0")
     for key in ("health_addr", "prometheus_addr"):

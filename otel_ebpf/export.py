@@ -17,7 +17,9 @@ import sys
 import threading
 from typing import IO, Iterable, Protocol
 
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest  # noqa: F401
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs, SeverityNumber
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -119,7 +121,9 @@ def trace_request(spans: Iterable[SpanData], resources: ResourceCache) -> Export
     """One request for a batch: spans grouped by the Resource of their process."""
     groups: dict[int, list[Span]] = {}
     for s in spans:
-        trace_id, span_id = new_ids()
+        if s.trace_id is None:
+            s.trace_id, s.span_id = new_ids()
+        trace_id, span_id = s.trace_id, s.span_id
         groups.setdefault(s.resource_pid, []).append(Span(
             trace_id=trace_id, span_id=span_id, name=s.name, kind=s.kind,
             start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
@@ -188,7 +192,9 @@ class JsonlSink:
     def export(self, spans: list[SpanData]) -> bool:
         rows = []
         for s in spans:
-            trace_id, span_id = new_ids()
+            if s.trace_id is None:
+                s.trace_id, s.span_id = new_ids()
+            trace_id, span_id = s.trace_id, s.span_id
             rows.append(json.dumps({
                 "trace_id": trace_id.hex(), "span_id": span_id.hex(), "name": s.name, "kind": s.kind,
                 "start_ns": s.start_ns, "end_ns": s.end_ns, "error": s.error,
@@ -223,14 +229,20 @@ class OtlpTransport:
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as E
             else:
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as E
-        else:
+        elif signal == "metrics":
             if self.protocol == "grpc":
                 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as E
             else:
                 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as E
+        else:
+            if self.protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as E
+            else:
+                from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as E
         self._exporter = E()
 
-    def send(self, request: ExportTraceServiceRequest | ExportMetricsServiceRequest, count: int) -> bool:
+    def send(self, request, count: int) -> bool:
+        """Send one prebuilt Export*ServiceRequest; False when the backend refused or is down."""
         exporter = self._exporter
         if self.protocol == "grpc":
             # The gRPC mixin turns SDK objects into a request in _translate_data; ours is one already.
@@ -261,6 +273,30 @@ class OtlpSpanSink:
 
     def shutdown(self) -> None:
         self._transport.shutdown()
+
+
+def slow_log_request(spans: Iterable[SpanData], resources: ResourceCache) -> ExportLogsServiceRequest:
+    """One WARN log record per slow operation: a slow-query log without a trace backend."""
+    groups: dict[int, list[LogRecord]] = {}
+    for s in spans:
+        a = s.attributes
+        ms = (s.end_ns - s.start_ns) / 1e6
+        what = a.get(DB.DB_QUERY_SUMMARY) or s.name
+        attrs = {k: a[k] for k in (DB.DB_SYSTEM_NAME, DB.DB_NAMESPACE, DB.DB_QUERY_SUMMARY, DB.DB_QUERY_TEXT,
+                                   "http.request.method", "url.path", "http.response.status_code") if k in a}
+        attrs["otel_ebpf.duration_ms"] = round(ms, 3)
+        attrs["process.pid"] = s.resource_pid
+        groups.setdefault(s.resource_pid, []).append(LogRecord(
+            time_unix_nano=s.end_ns, observed_time_unix_nano=s.end_ns,
+            severity_number=SeverityNumber.SEVERITY_NUMBER_WARN, severity_text="WARN",
+            body=AnyValue(string_value=f"slow operation: {what} took {ms:.1f} ms"),
+            attributes=to_key_values(attrs), trace_id=s.trace_id or b"", span_id=s.span_id or b"",
+            event_name="otel_ebpf.slow_operation",
+        ))
+    return ExportLogsServiceRequest(resource_logs=[
+        ResourceLogs(resource=resources.proto(pid), scope_logs=[ScopeLogs(scope=SCOPE, log_records=records)])
+        for pid, records in groups.items()
+    ])
 
 
 def make_span_sink(output: str, resources: ResourceCache, slow_threshold_s: float) -> SpanSink:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import (
-    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+    AggregationTemporality, Exemplar, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
     ResourceMetrics, ScopeMetrics, Sum,
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -58,7 +58,18 @@ class MetricStore:
     _hists: dict[str, dict[Attrs, _Hist]] = field(default_factory=dict)
     _counters: dict[str, dict[Attrs, float]] = field(default_factory=dict)
     _gauges: dict[str, dict[Attrs, float]] = field(default_factory=dict)
+    _exemplars: dict[str, dict[Attrs, Exemplar]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def set_exemplar(self, name: str, attrs: dict[str, object], seconds: float, time_ns: int,
+                     trace_id: bytes, span_id: bytes) -> None:
+        """Link a histogram series to a kept span (the latest one wins)."""
+        key = tuple(sorted((k, v) for k, v in attrs.items() if v is not None))
+        with self._lock:
+            table = self._exemplars.setdefault(name, {})
+            if key in table or len(table) < self.max_series:
+                table[key] = Exemplar(time_unix_nano=time_ns, as_double=seconds, trace_id=trace_id,
+                                      span_id=span_id)
 
     def _key(self, table: dict, attrs: dict[str, object]) -> Attrs:
         key = tuple(sorted((k, v) for k, v in attrs.items() if v is not None))
@@ -118,12 +129,14 @@ class MetricStore:
         with self._lock:
             for name, table in self._hists.items():
                 unit, desc = METRIC_INFO.get(name, ("", ""))
+                exemplars = self._exemplars.get(name, {})
                 metrics.append(Metric(name=name, unit=unit, description=desc, histogram=Histogram(
                     aggregation_temporality=CUMULATIVE,
                     data_points=[HistogramDataPoint(
                         attributes=to_key_values(dict(k)), start_time_unix_nano=self.start_ns,
                         time_unix_nano=now, count=h.count, sum=h.sum, bucket_counts=h.counts,
-                        explicit_bounds=self.buckets) for k, h in table.items()])))
+                        explicit_bounds=self.buckets,
+                        exemplars=[exemplars[k]] if k in exemplars else None) for k, h in table.items()])))
             for name, table in self._counters.items():
                 unit, desc = METRIC_INFO.get(name, ("", ""))
                 metrics.append(Metric(name=name, unit=unit, description=desc, sum=Sum(

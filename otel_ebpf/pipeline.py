@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from . import bpf, process
 from .config import Config
 from .elf import ElfError
-from .export import OtlpTransport, ResourceCache, SpanSink, make_span_sink
+from .export import OtlpTransport, ResourceCache, SpanSink, make_span_sink, new_ids, slow_log_request
 from .metrics import MetricStore
 from .targets import registry
 from .targets.base import (
@@ -26,7 +26,6 @@ from .targets.base import (
 )
 
 log = logging.getLogger(__name__)
-DRAIN_INTERVAL_S = 0.02
 
 
 def mono_to_epoch_offset() -> int:
@@ -54,6 +53,7 @@ class Unit:
     error: str = ""
     notes: list[str] = field(default_factory=list)
     stats: list[int] = field(default_factory=lambda: [0] * STAT_MAX)
+    ringbuf_peak: float = 0.0  # highest fill seen at a drain since the last metrics read
 
 
 class Agent:
@@ -71,6 +71,8 @@ class Agent:
         self._queue_cv = threading.Condition()
         self._sink: SpanSink | None = None
         self._metric_transport: OtlpTransport | None = None
+        self._log_transport: OtlpTransport | None = None
+        self._slow_logs: list[SpanData] = []
         self._server: ThreadingHTTPServer | None = None
         self._prom_server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -147,6 +149,7 @@ class Agent:
         self._sink = make_span_sink(self.config.output, self.resources, self.config.slow_threshold_s)
         if self.config.output == "otlp":
             self._metric_transport = OtlpTransport("metrics")
+            self._log_transport = OtlpTransport("logs")
         self._server = self._serve(self.config.health_addr, self._health_response)
         if self.config.prometheus_addr:
             self._prom_server = self._serve(self.config.prometheus_addr, self._prometheus_response)
@@ -167,7 +170,7 @@ class Agent:
                 if time.monotonic() - self._last_scan > self.config.rescan_interval_s:
                     self._last_scan = time.monotonic()
                     self.attach_new()
-                self.stop_event.wait(DRAIN_INTERVAL_S)
+                self.stop_event.wait(self.config.drain_interval_ms / 1000.0)
         finally:
             self.shutdown()
 
@@ -178,6 +181,9 @@ class Agent:
                 continue
             raws = unit.program.drain()
             if raws:
+                # What one drain found is a lower bound of how full the ring buffer got.
+                fill = (sum(len(r) for r in raws) + 8 * len(raws)) / (self.config.ringbuf_pages * 4096)
+                unit.ringbuf_peak = max(unit.ringbuf_peak, min(fill, 1.0))
                 try:
                     spans.extend(unit.target.decode(raws, self.ctx))
                 except Exception:  # noqa: BLE001 - a decoding bug must not stop the agent
@@ -194,6 +200,7 @@ class Agent:
         slow = self.config.slow_threshold_s
         ratio = self.config.sample_ratio
         keep: list[SpanData] = []
+        slow_spans: list[SpanData] = []
         for s in spans:
             target = registry.get(s.target)
             duration = s.duration_s
@@ -211,7 +218,19 @@ class Agent:
                     and random.random() >= ratio):
                 self.counts["spans.sampled_out"] += 1
                 continue
+            s.trace_id, s.span_id = new_ids()
+            self.metrics.set_exemplar(target.duration_metric,
+                                      {k: s.attributes.get(k) for k in target.metric_attributes},
+                                      duration, s.end_ns, s.trace_id, s.span_id)
+            if is_slow:
+                slow_spans.append(s)
             keep.append(s)
+        if slow_spans and self._log_transport is not None:
+            with self._queue_cv:
+                if len(self._slow_logs) < self.config.queue_size:
+                    self._slow_logs.extend(slow_spans)
+                else:
+                    self.counts["logs.dropped.queue_full"] += len(slow_spans)
         with self._queue_cv:
             room = self.config.queue_size - len(self._queue)
             if room < len(keep):
@@ -230,9 +249,15 @@ class Agent:
                 elif len(self._queue) < self.config.batch_size and not self.stop_event.is_set():
                     self._queue_cv.wait(delay)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.config.batch_size))]
+                slow, self._slow_logs = self._slow_logs, []
                 done = self.stop_event.is_set() and not self._queue
             if batch:
                 self._export_batch(batch)
+            if slow and self._log_transport is not None:
+                try:
+                    self._log_transport.send(slow_log_request(slow, self.resources), len(slow))
+                except Exception:  # noqa: BLE001
+                    log.exception("slow-operation log export failed")
             if done and getattr(self, "_export_final", False):
                 return
 
@@ -261,6 +286,7 @@ class Agent:
 
     def read_stats(self) -> None:
         totals = collections.Counter[str]()
+        ringbuf: dict[str, float] = {}
         attached = failed = 0
         for unit in list(self.units.values()):
             if unit.program is not None:
@@ -272,6 +298,8 @@ class Agent:
             elif unit.error:
                 failed += 1
             name = unit.target.name
+            ringbuf[name] = max(ringbuf.get(name, 0.0), unit.ringbuf_peak)
+            unit.ringbuf_peak = 0.0
             for key, index in (("otel_ebpf.events", STAT_EVENTS), ("otel_ebpf.events.lost", STAT_LOST),
                                ("otel_ebpf.spans.sampled_out", STAT_SAMPLED_OUT),
                                ("otel_ebpf.starts.unmatched", STAT_UNMATCHED),
@@ -281,6 +309,8 @@ class Agent:
         m = self.metrics
         for (key, name), value in totals.items():
             m.set_counter(key, {"target": name}, value)
+        for name, fill in ringbuf.items():
+            m.set_gauge("otel_ebpf.ringbuf.usage", {"target": name}, fill)
         m.set_gauge("otel_ebpf.probes.attached", {}, attached)
         m.set_gauge("otel_ebpf.probes.failed", {}, failed)
         m.set_counter("otel_ebpf.spans.exported", {}, self.counts["spans.exported"])
@@ -353,8 +383,9 @@ class Agent:
         self.export_metrics()
         if self._sink is not None:
             self._sink.shutdown()
-        if self._metric_transport is not None:
-            self._metric_transport.shutdown()
+        for transport in (self._metric_transport, self._log_transport):
+            if transport is not None:
+                transport.shutdown()
         for unit in self.units.values():
             if unit.program is not None:
                 unit.program.close()

@@ -31,7 +31,7 @@ class SpanData:
     """One finished operation, ready for export. Plain slots: this is the hot path."""
 
     __slots__ = ("name", "kind", "start_ns", "end_ns", "error", "status_message",
-                 "attributes", "resource_pid", "target")
+                 "attributes", "resource_pid", "target", "trace_id", "span_id")
 
     def __init__(self, name: str, kind: int, start_ns: int, end_ns: int, attributes: dict,
                  resource_pid: int, target: str, error: bool = False, status_message: str = ""):
@@ -44,6 +44,8 @@ class SpanData:
         self.target = target
         self.error = error
         self.status_message = status_message
+        self.trace_id: bytes | None = None  # set when the span is kept (exemplars and logs link to it)
+        self.span_id: bytes | None = None
 
     @property
     def duration_s(self) -> float:
