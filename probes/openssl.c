@@ -52,8 +52,9 @@ struct conn_offsets {
     u64 write;
 };
 
-/* Mirrored by _HEADER in otel_ebpf/targets/openssl.py. */
-struct tls_event {
+/* Mirrored by _HEADER in otel_ebpf/targets/openssl.py. A close record is the head
+ * alone: offset and length then hold the final read and write offsets. */
+struct tls_head {
     u64 start_ns; /* the call's entry */
     u64 end_ns;   /* its return */
     u64 ssl;
@@ -64,6 +65,10 @@ struct tls_event {
     u32 direction;
     u32 captured;
     char comm[16];
+};
+
+struct tls_event {
+    struct tls_head head;
     u8 data[CAPTURE_MAX];
 };
 
@@ -156,15 +161,16 @@ int on_return(struct pt_regs *ctx)
     struct conn_key key = {};
     key.ssl = call.ssl;
     key.pid = pid_tgid >> 32;
-    ev->start_ns = call.start_ns;
-    ev->end_ns = bpf_ktime_get_ns();
-    ev->ssl = call.ssl;
-    ev->offset = take_offset(&key, call.direction, len);
-    ev->length = len;
-    ev->pid = key.pid;
-    ev->tid = tid;
-    ev->direction = call.direction;
-    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+    struct tls_head *head = &ev->head;
+    head->start_ns = call.start_ns;
+    head->end_ns = bpf_ktime_get_ns();
+    head->ssl = call.ssl;
+    head->offset = take_offset(&key, call.direction, len);
+    head->length = len;
+    head->pid = key.pid;
+    head->tid = tid;
+    head->direction = call.direction;
+    bpf_get_current_comm(&head->comm, sizeof(head->comm));
 
     u32 want = clamp_len(len, CAPTURE_MAX);
     u32 size;
@@ -175,13 +181,13 @@ int on_return(struct pt_regs *ctx)
     } else {
         want &= CAPTURE_MAX - 1;
         err = bpf_probe_read_user(ev->data, want, (void *)call.buf);
-        size = offsetof(struct tls_event, data) + want;
+        size = sizeof(struct tls_head) + want;
     }
     if (err != 0) { /* unreadable buffer: user space counts the bytes without seeing them */
         want = 0;
-        size = offsetof(struct tls_event, data);
+        size = sizeof(struct tls_head);
     }
-    ev->captured = want;
+    head->captured = want;
     stat_inc(events.ringbuf_output(ev, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
     stat_inc(STAT_OPERATIONS);
     return 0;
@@ -197,7 +203,7 @@ int on_free(struct pt_regs *ctx)
     struct conn_offsets *offsets = conns.lookup(&key);
     if (!offsets)
         return 0;
-    struct tls_event close = {};
+    struct tls_head close = {};
     close.start_ns = bpf_ktime_get_ns();
     close.end_ns = close.start_ns;
     close.ssl = key.ssl;
@@ -207,6 +213,6 @@ int on_free(struct pt_regs *ctx)
     close.tid = (u32)pid_tgid;
     close.direction = DIR_CLOSE;
     conns.delete(&key);
-    stat_inc(events.ringbuf_output(&close, offsetof(struct tls_event, data), 0) == 0 ? STAT_EVENTS : STAT_LOST);
+    stat_inc(events.ringbuf_output(&close, sizeof(close), 0) == 0 ? STAT_EVENTS : STAT_LOST);
     return 0;
 }
