@@ -1,0 +1,349 @@
+"""MySQL and MariaDB: one SERVER span per query, by USDT where the build has it,
+else by uprobes on dispatch_command.
+
+See probes/mysql.c for the kernel side, usdt/mysql.yaml for the symbols and probes
+this module looks for, and docs/mysql.md for what each path can and cannot tell.
+Choosing the path is `examine()`: both `inspect()` (doctor, list) and `plan()`
+(the agent) go through it, so they never disagree.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Iterable
+
+import yaml
+from opentelemetry.semconv.attributes import db_attributes as DB
+from opentelemetry.semconv.attributes import error_attributes as ERROR
+
+from .. import sql
+from ..elf import ElfError, ElfInfo, Symbol, UsdtProbe, elf_info
+from .base import (
+    KIND_SERVER, SQL_OPERATIONS, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target,
+)
+
+PROVIDER = "mysql"
+USDT_START, USDT_DONE = "query__start", "query__done"
+MECHANISM_USDT, MECHANISM_UPROBE = "usdt", "uprobe"
+SYSTEM_MARIADB, SYSTEM_MYSQL = "mariadb", "mysql"
+LAYOUTS = {"command_first": 1, "com_data": 2}  # -DDISPATCH_LAYOUT
+LAYOUT_TEXT = {
+    "command_first": "(command, THD *, packet, length): MariaDB 10.x / MySQL <= 5.6",
+    "com_data": "(THD *, const COM_DATA *, command): MySQL 5.7 / 8",
+}
+# Concurrent queries the kernel can follow (each holds a copy of its query text).
+INFLIGHT_MAX = 4096
+
+# Record flags and dim layout (probes/mysql.c).
+FLAG_MARIADB, FLAG_USDT, FLAG_FAILED, FLAG_TRUNCATED = 1, 2, 4, 8
+ERROR_UNKNOWN = 0xFFFFFF
+OTHER = "_OTHER"
+# struct mysql_event up to query[]: start, end, connection id, pid, tid, error, flags,
+# query_len, copied, db[64].
+_HEADER = struct.Struct("<QQQIIIIII64s")
+
+_MARIADB_VERSION_RE = re.compile(rb"(\d+\.\d+\.\d+)-MariaDB")
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict:
+    text = (resources.files("otel_ebpf.usdt") / "mysql.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+@dataclass(frozen=True)
+class ErrorProbe:
+    symbol: Symbol
+    kind: str  # "sent": the client got an error packet; "raised": my_message_sql
+    ignore_flags: int
+
+
+@dataclass
+class MysqlBinary:
+    """What one binary offers the mysql target, and which way in it gets."""
+
+    path: str
+    system: str  # mariadb | mysql
+    version: str
+    usdt_start: list[UsdtProbe]
+    usdt_done: list[UsdtProbe]
+    dispatch: Symbol | None
+    layout: str  # key of LAYOUTS, "" when dispatch_command's signature is unknown
+    error: ErrorProbe | None
+    db_symbols: list[Symbol]
+    notes: list[str] = field(default_factory=list)
+    unusable_reason: str = ""
+
+    @property
+    def has_usdt(self) -> bool:
+        return bool(self.usdt_start and self.usdt_done)
+
+    @property
+    def mechanism(self) -> str:
+        if self.has_usdt:
+            return MECHANISM_USDT
+        return MECHANISM_UPROBE if self.dispatch is not None and self.layout else ""
+
+
+# --- what the binary is ------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _flavor_cached(path: str, dev: int, ino: int, mtime: int) -> tuple[str, str]:
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            m = _MARIADB_VERSION_RE.search(mm)
+            # MySQL's version has no marker that tells it from other numbers in the binary.
+            return (SYSTEM_MARIADB, m.group(1).decode()) if m else (SYSTEM_MYSQL, "")
+    except (OSError, ValueError):
+        return SYSTEM_MYSQL, ""
+
+
+def server_flavor(path: str) -> tuple[str, str]:
+    """("mariadb" | "mysql", version) from the binary's own bytes: MariaDB's version
+    string always carries "-MariaDB"; anything else is taken for MySQL."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return SYSTEM_MYSQL, ""
+    system, version = _flavor_cached(path, st.st_dev, st.st_ino, st.st_mtime_ns)
+    if system == SYSTEM_MYSQL and os.path.basename(path) == "mariadbd":
+        return SYSTEM_MARIADB, version
+    return system, version
+
+
+def dispatch_layout(symbol_name: str) -> str:
+    """Argument layout of a dispatch_command, from its mangled name ("" if unknown)."""
+    for entry in catalog()["dispatch_command"]:
+        if entry["symbol"] == symbol_name:
+            return entry["layout"]
+    if symbol_name.startswith("_Z16dispatch_command19enum_server_commandP3THDPc"):
+        return "command_first"  # same first four arguments, more flags after them
+    if symbol_name.startswith("_Z16dispatch_commandP3THDPK8COM_DATA19enum_server_command"):
+        return "com_data"
+    return ""
+
+
+def _find_dispatch(info: ElfInfo) -> tuple[Symbol | None, str, list[str]]:
+    """(symbol, layout, names seen): the known signature first, then any dispatch_command."""
+    for entry in catalog()["dispatch_command"]:
+        sym = info.symbol(entry["symbol"])
+        if sym is not None and sym.file_offset >= 0:
+            return sym, entry["layout"], [sym.name]
+    seen = info.symbols_matching(r"_Z16dispatch_command.*|dispatch_command")
+    for sym in seen:
+        layout = dispatch_layout(sym.name)
+        if layout and sym.file_offset >= 0:
+            return sym, layout, [s.name for s in seen]
+    return (seen[0] if seen else None), "", [s.name for s in seen]
+
+
+def _find_error_probe(info: ElfInfo, system: str) -> ErrorProbe | None:
+    for entry in catalog()["errors"]:
+        sym = info.symbol(entry["symbol"])
+        if sym is None or sym.file_offset < 0:
+            continue
+        ignore = entry.get("ignore_flags", {})
+        return ErrorProbe(sym, entry["kind"], int(ignore.get(system, 0)) if isinstance(ignore, dict) else 0)
+    return None
+
+
+def examine(path: str) -> MysqlBinary:
+    """Everything the mysql target needs from a binary; raises ElfError if unreadable."""
+    info = elf_info(path)
+    system, version = server_flavor(path)
+    dispatch, layout, dispatch_names = _find_dispatch(info)
+    db_symbols = [s for name in catalog()["current_db"] if (s := info.symbol(name)) and s.file_offset >= 0]
+    binary = MysqlBinary(
+        path=path, system=system, version=version,
+        usdt_start=info.usdt(PROVIDER, USDT_START), usdt_done=info.usdt(PROVIDER, USDT_DONE),
+        dispatch=dispatch if layout else None, layout=layout,
+        error=_find_error_probe(info, system),
+        db_symbols=db_symbols if len(db_symbols) == len(catalog()["current_db"]) else [],
+    )
+    if not binary.mechanism:
+        found = ", ".join(dispatch_names) if dispatch_names else "no dispatch_command symbol"
+        binary.unusable_reason = (
+            f"no mysql USDT probes and no known dispatch_command signature ({found}); "
+            "a stripped binary needs its debug symbols (e.g. the -dbgsym package) or a DTrace build")
+    binary.notes = _explain(binary, info)
+    return binary
+
+
+def _explain(b: MysqlBinary, info: ElfInfo) -> list[str]:
+    """Why this way in, and what the spans will and will not carry."""
+    name = f"{'MariaDB' if b.system == SYSTEM_MARIADB else 'MySQL'}{' ' + b.version if b.version else ''}"
+    notes = [f"{name} (db.system.name={b.system})"]
+    if b.has_usdt:
+        notes.append("USDT: mysql:query__start/query__done present, their semaphores raised by the kernel; "
+                     "one span per statement, db.namespace from the probe"
+                     + ("; dispatch_command also present, USDT preferred" if b.layout else ""))
+    elif b.mechanism == MECHANISM_UPROBE:
+        why = ("no mysql USDT probes (built without DTrace)" if not info.probes
+               else "USDT probes present but not the mysql:query__start/query__done pair")
+        notes.append(f"{why}: uprobe + uretprobe on dispatch_command {LAYOUT_TEXT[b.layout]}; "
+                     "one span per COM_QUERY packet (a multi-statement packet is one span)")
+        if b.db_symbols:
+            notes.append("db.namespace: THD::set_db/THD::reset_db (handshake, COM_INIT_DB, USE)")
+        else:
+            notes.append("db.namespace: from COM_INIT_DB only (no out-of-line THD::set_db/reset_db here): "
+                         "a USE statement or the handshake's database is not seen")
+    else:
+        notes.append(f"cannot attach: {b.unusable_reason}")
+    if b.error is None:
+        notes.append("no error function found: failed queries are "
+                     + ("marked by query__done's status, without an error number" if b.has_usdt
+                        else "not seen"))
+    elif b.error.kind == "sent":
+        notes.append(f"errors: {b.error.symbol.name} (the error packet the client receives)")
+    else:
+        notes.append(f"errors: {b.error.symbol.name}"
+                     + (" (numbers only; query__done's status says whether the query failed)" if b.has_usdt
+                        else " (also fires for errors a handler swallows, e.g. INSERT IGNORE)"))
+    return notes
+
+
+# --- the target ------------------------------------------------------------------
+
+
+class MysqlTarget(Target):
+    name = "mysql"
+    c_file = "mysql.c"
+    duration_metric = "db.server.operation.duration"
+    metric_attributes = (DB.DB_SYSTEM_NAME, DB.DB_OPERATION_NAME, ERROR.ERROR_TYPE)
+    kernel_histograms = True
+
+    def __init__(self) -> None:
+        self.malformed_records = 0  # ring buffer records too short to decode
+
+    # --- where -------------------------------------------------------------
+    def candidate_paths(self) -> list[str]:
+        paths = ("/usr/sbin/mariadbd", "/usr/sbin/mysqld", "/usr/bin/mariadbd", "/usr/bin/mysqld",
+                 "/usr/local/mysql/bin/mysqld", "/usr/local/mysql/bin/mariadbd")
+        return [p for p in paths if os.path.exists(p)]
+
+    def matches_process(self, comm: str, exe: str) -> bool:
+        return os.path.basename(exe) in ("mysqld", "mariadbd")
+
+    def inspect(self, path: str) -> Inspection:
+        try:
+            b = examine(path)
+        except ElfError as exc:
+            return Inspection(path, False, "", {}, [str(exc)])
+        probes = {
+            f"{PROVIDER}:{USDT_START}": bool(b.usdt_start),
+            f"{PROVIDER}:{USDT_DONE}": bool(b.usdt_done),
+            "dispatch_command()": b.dispatch is not None,
+            "error function": b.error is not None,
+            "THD::set_db()/reset_db()": bool(b.db_symbols),
+        }
+        return Inspection(path, bool(b.mechanism), b.mechanism or "none", probes, b.notes)
+
+    def plan(self, path: str, config: object) -> BuildPlan:
+        b = examine(path)
+        if not b.mechanism:
+            raise ElfError(f"{path}: {b.unusable_reason}")
+        query_max = getattr(config, "query_max_bytes", 1024)
+        cflags = [
+            f"-DQUERY_MAX={query_max}",
+            f"-DINFLIGHT_MAX={INFLIGHT_MAX}",
+            f"-DDB_SYSTEM_MARIADB={1 if b.system == SYSTEM_MARIADB else 0}",
+            f"-DERROR_IGNORE_FLAGS={b.error.ignore_flags if b.error else 0}",
+        ]
+        if b.has_usdt:
+            attach = self._usdt_attach(b, path)
+            cflags += self._usdt_cflags(path)
+        else:
+            attach = self._uprobe_attach(b)
+            cflags += [f"-DDISPATCH_LAYOUT={LAYOUTS[b.layout]}", f"-DTRACK_INIT_DB={0 if b.db_symbols else 1}"]
+        if b.error is not None:
+            fn = "on_error_sent" if b.error.kind == "sent" else "on_error_raised"
+            attach.append(AttachSpec(fn, b.error.symbol.file_offset, f"{b.error.symbol.name}()"))
+        return BuildPlan(cflags, attach, list(b.notes))
+
+    @staticmethod
+    def _usdt_cflags(path: str) -> list[str]:
+        info = elf_info(path)
+        return [
+            f"-DARG_QUERY={info.usdt_arg_macro(PROVIDER, USDT_START, 1)}",
+            f"-DARG_CONNID={info.usdt_arg_macro(PROVIDER, USDT_START, 2)}",
+            f"-DARG_DB={info.usdt_arg_macro(PROVIDER, USDT_START, 3)}",
+            f"-DARG_STATUS={info.usdt_arg_macro(PROVIDER, USDT_DONE, 1)}",
+        ]
+
+    @staticmethod
+    def _usdt_attach(b: MysqlBinary, path: str) -> list[AttachSpec]:
+        return [
+            AttachSpec(fn, site.file_offset, f"{PROVIDER}:{site.name}", ref_ctr_offset=site.semaphore_offset)
+            for sites, fn in ((b.usdt_start, "on_usdt_query_start"), (b.usdt_done, "on_usdt_query_done"))
+            for site in sites
+        ]
+
+    @staticmethod
+    def _uprobe_attach(b: MysqlBinary) -> list[AttachSpec]:
+        assert b.dispatch is not None
+        offset = b.dispatch.file_offset
+        attach = [
+            AttachSpec("on_dispatch_enter", offset, "dispatch_command()"),
+            AttachSpec("on_dispatch_return", offset, "dispatch_command() return", retprobe=True),
+        ]
+        attach += [AttachSpec("on_set_db", s.file_offset, f"{s.name}()") for s in b.db_symbols]
+        return attach
+
+    # --- what ----------------------------------------------------------------
+    def hist_attributes(self, dim: int) -> dict[str, object]:
+        operation = dim & 0xFF
+        error = (dim >> 8) & ERROR_UNKNOWN
+        attrs: dict[str, object] = {
+            DB.DB_SYSTEM_NAME: SYSTEM_MARIADB if (dim >> 40) & 1 else SYSTEM_MYSQL,
+            DB.DB_OPERATION_NAME: SQL_OPERATIONS[operation] if operation < len(SQL_OPERATIONS) else OTHER,
+        }
+        if error:
+            attrs[ERROR.ERROR_TYPE] = OTHER if error == ERROR_UNKNOWN else str(error)
+        return attrs
+
+    def decode(self, records: list[bytes], ctx: DecodeContext) -> Iterable[SpanData]:
+        out: list[SpanData] = []
+        for raw in records:
+            span = self._span(raw, ctx)
+            if span is None:
+                self.malformed_records += 1
+            else:
+                out.append(span)
+        return out
+
+    def _span(self, raw: bytes, ctx: DecodeContext) -> SpanData | None:
+        if len(raw) < _HEADER.size:
+            return None
+        (start, end, _connection_id, pid, _tid, error_code, flags, _query_len, copied, db) = \
+            _HEADER.unpack_from(raw)
+        query = raw[_HEADER.size:_HEADER.size + copied]
+        system = SYSTEM_MARIADB if flags & FLAG_MARIADB else SYSTEM_MYSQL
+        info = sql.analyze(query, "mysql")
+        attrs: dict[str, object] = {DB.DB_SYSTEM_NAME: system}
+        db_name = db.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if db_name:
+            attrs[DB.DB_NAMESPACE] = db_name
+        if getattr(ctx.config, "capture_raw_query", False):
+            attrs[DB.DB_QUERY_TEXT] = query.split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif info.text:
+            attrs[DB.DB_QUERY_TEXT] = info.text
+        if info.summary:
+            attrs[DB.DB_QUERY_SUMMARY] = info.summary
+        if info.operation:
+            attrs[DB.DB_OPERATION_NAME] = info.operation
+        failed = bool(flags & FLAG_FAILED)
+        message = ""
+        if failed:
+            if error_code:
+                attrs[DB.DB_RESPONSE_STATUS_CODE] = str(error_code)
+            attrs[ERROR.ERROR_TYPE] = str(error_code) if error_code else OTHER
+            message = f"{'MariaDB' if system == SYSTEM_MARIADB else 'MySQL'} error {error_code or 'unknown'}"
+        offset = ctx.mono_to_epoch_ns
+        return SpanData(info.summary or system, KIND_SERVER, start + offset, end + offset, attrs,
+                        resource_pid=pid, target=self.name, error=failed, status_message=message)
