@@ -160,6 +160,17 @@ class Program:
     def table_items(self, map_name: str) -> list[tuple[object, object]]:
         return list(self.bpf[map_name].items())  # type: ignore[index]
 
+    def table_delete(self, map_name: str, keys: list[object]) -> int:
+        table = self.bpf[map_name]  # type: ignore[index]
+        deleted = 0
+        for key in keys:
+            try:
+                del table[key]
+                deleted += 1
+            except KeyError:
+                pass  # finished meanwhile
+        return deleted
+
     def detach_all(self) -> None:
         lib = libbcc()
         for att in self.attachments:

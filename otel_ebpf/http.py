@@ -177,7 +177,7 @@ class _Stream:
         self._buf += data[pos:]
         m = _HEAD_END.search(self._buf, max(0, before - 2))
         if m is None:
-            reason = self._check_partial(bytes(self._buf[:_MAX_METHOD_LEN + 16]))
+            reason = self._check_partial(self._buf)
             if reason is None and len(self._buf) > MAX_HEAD_BYTES:
                 reason = ERR_HEAD_TOO_LARGE
             if reason:
@@ -308,8 +308,9 @@ class _Stream:
 
     # --- subclass hooks -----------------------------------------------------------------
 
-    def _check_partial(self, start: bytes) -> str | None:
-        """An error reason as soon as an incomplete head cannot be HTTP/1.x."""
+    def _check_partial(self, buf: bytearray) -> str | None:
+        """An error reason as soon as an incomplete head cannot be HTTP/1.x (its start,
+        or its first line once complete), so that garbage is not buffered."""
         raise NotImplementedError
 
     def _parse_head(self, raw: bytes) -> RequestHead | ResponseHead | str:
@@ -327,8 +328,14 @@ class _Stream:
 class RequestStream(_Stream):
     """The request side of a connection: what a client writes and a server reads."""
 
-    def _check_partial(self, start: bytes) -> str | None:
-        return request_start_problem(start)
+    def _check_partial(self, buf: bytearray) -> str | None:
+        end = buf.find(b"\n")
+        if end < 0:
+            return request_start_problem(bytes(buf[:_MAX_METHOD_LEN + 16]))
+        line = bytes(buf[:end])
+        if _REQUEST_LINE.fullmatch(line):
+            return None
+        return ERR_HTTP2 if line.startswith(HTTP2_PREFACE[:14]) else ERR_NOT_HTTP
 
     def _parse_head(self, raw: bytes) -> RequestHead | str:
         line, fields = _split_head(raw)
@@ -362,9 +369,12 @@ class ResponseStream(_Stream):
     def forget_expected(self) -> None:
         self._methods.clear()
 
-    def _check_partial(self, start: bytes) -> str | None:
-        prefix = start[:len(_STATUS_PREFIX)]
-        return None if _STATUS_PREFIX.startswith(prefix) else ERR_NOT_HTTP
+    def _check_partial(self, buf: bytearray) -> str | None:
+        end = buf.find(b"\n")
+        if end < 0:
+            prefix = bytes(buf[:len(_STATUS_PREFIX)])
+            return None if _STATUS_PREFIX.startswith(prefix) else ERR_NOT_HTTP
+        return None if _STATUS_LINE.fullmatch(bytes(buf[:end])) else ERR_NOT_HTTP
 
     def _parse_head(self, raw: bytes) -> ResponseHead | str:
         line, fields = _split_head(raw)

@@ -33,6 +33,7 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "otel_ebpf.events": ("{event}", "Records the kernel side wrote to the ring buffer"),
     "otel_ebpf.events.lost": ("{event}", "Records lost because the ring buffer was full"),
     "otel_ebpf.starts.unmatched": ("{event}", "Ends without a start, or starts overwritten"),
+    "otel_ebpf.starts.expired": ("{event}", "Starts dropped because their thread exited mid-operation"),
     "otel_ebpf.operations": ("{operation}", "Operations the kernel side saw finish"),
     "otel_ebpf.spans.exported": ("{span}", "Spans sent to the exporter successfully"),
     "otel_ebpf.spans.dropped": ("{span}", "Spans dropped (queue full, export failed)"),

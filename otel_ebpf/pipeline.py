@@ -26,6 +26,7 @@ from .targets.base import (
 )
 
 log = logging.getLogger(__name__)
+EXPIRY_INTERVAL_S = 5.0  # how often in-flight starts of vanished threads are dropped
 
 
 def mono_to_epoch_offset() -> int:
@@ -275,10 +276,29 @@ class Agent:
         else:
             self.counts["spans.dropped.export_failed"] += len(batch)
 
+    def expire_inflight(self) -> int:
+        """Drop in-flight starts of threads that exited mid-operation; count them as unmatched."""
+        expired = 0
+        for unit in list(self.units.values()):
+            if unit.program is None or not unit.target.inflight_keyed_by_tid:
+                continue
+            try:
+                gone = [k for k, _v in unit.program.table_items("inflight")
+                        if not os.path.exists(f"/proc/{k.value}")]
+                expired += unit.program.table_delete("inflight", gone)
+            except Exception:  # noqa: BLE001 - racing shutdown
+                log.debug("expiring in-flight entries of %s failed", unit.path, exc_info=True)
+        self.counts["starts.expired"] += expired
+        return expired
+
     def _metrics_loop(self) -> None:
         interval = self.config.metric_interval_ms / 1000.0
         next_export = time.monotonic() + interval
+        next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
         while not self.stop_event.wait(1.0):
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
+                self.expire_inflight()
             self.read_stats()
             if time.monotonic() >= next_export:
                 next_export = time.monotonic() + interval
@@ -309,6 +329,7 @@ class Agent:
         m = self.metrics
         for (key, name), value in totals.items():
             m.set_counter(key, {"target": name}, value)
+        m.set_counter("otel_ebpf.starts.expired", {}, self.counts["starts.expired"])
         for name, fill in ringbuf.items():
             m.set_gauge("otel_ebpf.ringbuf.usage", {"target": name}, fill)
         m.set_gauge("otel_ebpf.probes.attached", {}, attached)
@@ -417,6 +438,7 @@ class Agent:
             "events_seen": sum(u.stats[STAT_EVENTS] for u in units),
             "events_lost": sum(u.stats[STAT_LOST] for u in units),
             "starts_unmatched": sum(u.stats[STAT_UNMATCHED] for u in units),
+            "starts_expired": self.counts["starts.expired"],
             "spans_exported": self.counts["spans.exported"],
             "spans_dropped": sum(v for k, v in self.counts.items() if k.startswith("spans.dropped.")),
             "spans_sampled_out": self.counts["spans.sampled_out"],

@@ -101,6 +101,10 @@ class Target(ABC):
     # buffer (probes/common.h): the pipeline then reads durations from the kernel and
     # neither records them from spans nor samples spans again.
     kernel_histograms: ClassVar[bool] = False
+    # True when the C file's `inflight` LRU map is keyed by thread id (u32): the pipeline then
+    # deletes entries of threads that no longer exist (a process killed mid-operation) and
+    # counts them as unmatched, instead of waiting for LRU eviction to drop them silently.
+    inflight_keyed_by_tid: ClassVar[bool] = False
 
     def hist_attributes(self, dim: int) -> dict[str, object]:
         """Metric attributes of a kernel histogram key (`dim` of struct hist_key)."""

@@ -59,6 +59,7 @@ def catalog() -> dict:
 @dataclass(frozen=True)
 class ErrorProbe:
     symbol: Symbol
+    label: str
     kind: str  # "sent": the client got an error packet; "raised": my_message_sql
     ignore_flags: int
 
@@ -75,7 +76,7 @@ class MysqlBinary:
     dispatch: Symbol | None
     layout: str  # key of LAYOUTS, "" when dispatch_command's signature is unknown
     error: ErrorProbe | None
-    db_symbols: list[Symbol]
+    db_symbols: list[tuple[Symbol, str]]  # with their labels
     notes: list[str] = field(default_factory=list)
     unusable_reason: str = ""
 
@@ -149,7 +150,7 @@ def _find_error_probe(info: ElfInfo, system: str) -> ErrorProbe | None:
         if sym is None or sym.file_offset < 0:
             continue
         ignore = entry.get("ignore_flags", {})
-        return ErrorProbe(sym, entry["kind"], int(ignore.get(system, 0)) if isinstance(ignore, dict) else 0)
+        return ErrorProbe(sym, entry["label"], entry["kind"], int(ignore.get(system, 0)))
     return None
 
 
@@ -158,7 +159,8 @@ def examine(path: str) -> MysqlBinary:
     info = elf_info(path)
     system, version = server_flavor(path)
     dispatch, layout, dispatch_names = _find_dispatch(info)
-    db_symbols = [s for name in catalog()["current_db"] if (s := info.symbol(name)) and s.file_offset >= 0]
+    db_symbols = [(s, entry["label"]) for entry in catalog()["current_db"]
+                  if (s := info.symbol(entry["symbol"])) and s.file_offset >= 0]
     binary = MysqlBinary(
         path=path, system=system, version=version,
         usdt_start=info.usdt(PROVIDER, USDT_START), usdt_done=info.usdt(PROVIDER, USDT_DONE),
@@ -177,35 +179,35 @@ def examine(path: str) -> MysqlBinary:
 
 def _explain(b: MysqlBinary, info: ElfInfo) -> list[str]:
     """Why this way in, and what the spans will and will not carry."""
+    if not b.mechanism:
+        return [f"cannot attach: {b.unusable_reason}"]
     name = f"{'MariaDB' if b.system == SYSTEM_MARIADB else 'MySQL'}{' ' + b.version if b.version else ''}"
     notes = [f"{name} (db.system.name={b.system})"]
     if b.has_usdt:
         notes.append("USDT: mysql:query__start/query__done present, their semaphores raised by the kernel; "
                      "one span per statement, db.namespace from the probe"
                      + ("; dispatch_command also present, USDT preferred" if b.layout else ""))
-    elif b.mechanism == MECHANISM_UPROBE:
+    else:
         why = ("no mysql USDT probes (built without DTrace)" if not info.probes
                else "USDT probes present but not the mysql:query__start/query__done pair")
         notes.append(f"{why}: uprobe + uretprobe on dispatch_command {LAYOUT_TEXT[b.layout]}; "
                      "one span per COM_QUERY packet (a multi-statement packet is one span)")
-        if b.db_symbols:
-            notes.append("db.namespace: THD::set_db/THD::reset_db (handshake, COM_INIT_DB, USE)")
-        else:
-            notes.append("db.namespace: from COM_INIT_DB only (no out-of-line THD::set_db/reset_db here): "
-                         "a USE statement or the handshake's database is not seen")
-    else:
-        notes.append(f"cannot attach: {b.unusable_reason}")
-    if b.error is None:
-        notes.append("no error function found: failed queries are "
-                     + ("marked by query__done's status, without an error number" if b.has_usdt
-                        else "not seen"))
-    elif b.error.kind == "sent":
-        notes.append(f"errors: {b.error.symbol.name} (the error packet the client receives)")
-    else:
-        notes.append(f"errors: {b.error.symbol.name}"
-                     + (" (numbers only; query__done's status says whether the query failed)" if b.has_usdt
-                        else " (also fires for errors a handler swallows, e.g. INSERT IGNORE)"))
+        notes.append("db.namespace: THD::set_db/THD::reset_db (handshake, COM_INIT_DB, USE)" if b.db_symbols
+                     else "db.namespace: from COM_INIT_DB only (no out-of-line THD::set_db/reset_db here): "
+                          "a USE statement or the handshake's database is not seen")
+    notes.append(_explain_errors(b))
     return notes
+
+
+def _explain_errors(b: MysqlBinary) -> str:
+    if b.error is None:
+        return ("no error function: failed queries are marked by query__done's status, without a number"
+                if b.has_usdt else "no error function found: failed queries are not seen")
+    if b.error.kind == "sent":
+        return f"errors: {b.error.label} (the error packet the client receives)"
+    if b.has_usdt:
+        return f"errors: {b.error.label} (numbers only; query__done's status says whether the query failed)"
+    return f"errors: {b.error.label} (also fires for errors a handler swallows, e.g. in a stored procedure)"
 
 
 # --- the target ------------------------------------------------------------------
@@ -263,7 +265,7 @@ class MysqlTarget(Target):
             cflags += [f"-DDISPATCH_LAYOUT={LAYOUTS[b.layout]}", f"-DTRACK_INIT_DB={0 if b.db_symbols else 1}"]
         if b.error is not None:
             fn = "on_error_sent" if b.error.kind == "sent" else "on_error_raised"
-            attach.append(AttachSpec(fn, b.error.symbol.file_offset, f"{b.error.symbol.name}()"))
+            attach.append(AttachSpec(fn, b.error.symbol.file_offset, b.error.label))
         return BuildPlan(cflags, attach, list(b.notes))
 
     @staticmethod
@@ -292,7 +294,7 @@ class MysqlTarget(Target):
             AttachSpec("on_dispatch_enter", offset, "dispatch_command()"),
             AttachSpec("on_dispatch_return", offset, "dispatch_command() return", retprobe=True),
         ]
-        attach += [AttachSpec("on_set_db", s.file_offset, f"{s.name}()") for s in b.db_symbols]
+        attach += [AttachSpec("on_set_db", sym.file_offset, label) for sym, label in b.db_symbols]
         return attach
 
     # --- what ----------------------------------------------------------------

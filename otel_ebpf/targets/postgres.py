@@ -86,6 +86,7 @@ class PostgresTarget(Target):
     duration_metric = "db.server.operation.duration"
     metric_attributes = (DB.DB_SYSTEM_NAME, DB.DB_OPERATION_NAME, ERROR.ERROR_TYPE)
     kernel_histograms = True
+    inflight_keyed_by_tid = True
 
     def hist_attributes(self, dim: int) -> dict[str, object]:
         """probes/postgres.c: kind in bits 0-7, failed in bit 8, SQLSTATE from bit 9."""
