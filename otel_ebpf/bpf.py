@@ -13,6 +13,7 @@ import ctypes as ct
 import itertools
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from importlib import resources
@@ -111,7 +112,7 @@ class Program:
                       ref_ctr_offset: int = 0, label: str = "") -> Attachment:
         """Attach a BPF function at a file offset of `path`, for every process (pid -1)."""
         try:
-            fd = self.bpf.load_func(fn_name, bcc.BPF.KPROBE)  # type: ignore[union-attr]
+            fd = self.bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)  # type: ignore[union-attr]
         except Exception as exc:
             raise BpfError(f"loading {fn_name} of {self.name}: {exc}") from exc
         ev_name = f"{'r' if retprobe else 'p'}_otel_ebpf_{os.getpid()}_{next(_ev_counter)}"
@@ -175,10 +176,10 @@ class Program:
         lib = libbcc()
         for att in self.attachments:
             lib.close_perf_event_fd(att.fd)
-            # Only probes created through tracefs have an event to remove; for the
-            # perf PMU path closing the fd is enough and this returns an error we ignore.
-            if os.path.exists(f"/sys/kernel/tracing/events/uprobes/{att.ev_name}"):
-                lib.detach_uprobe(att.ev_name.encode())
+            # A probe made through tracefs (the fallback when the uprobe PMU refuses, e.g.
+            # without CAP_SYS_ADMIN) leaves an event to remove; libbcc finds it by name
+            # and does nothing for probes made through the PMU.
+            lib.detach_uprobe(att.ev_name.encode())
         self.attachments.clear()
 
     def close(self) -> None:
@@ -187,6 +188,34 @@ class Program:
             self.bpf.cleanup()  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - best effort at exit
             log.debug("bcc cleanup of %s failed", self.name, exc_info=True)
+
+
+_EVENT_RE = re.compile(r"^[pr]:uprobes/([pr]_otel_ebpf_(\d+)_\d+_bcc_\d+) ")
+
+
+def remove_stale_events(tracefs: str = "/sys/kernel/tracing") -> int:
+    """Remove tracefs uprobe events left by agents that died (SIGKILL) before detaching."""
+    path = os.path.join(tracefs, "uprobe_events")
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return 0
+    removed = 0
+    for line in lines:
+        m = _EVENT_RE.match(line)
+        if not m or os.path.exists(f"/proc/{m.group(2)}"):
+            continue
+        try:  # tracefs refuses the seek that Python's append mode does
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, f"-:uprobes/{m.group(1)}\n".encode())
+            finally:
+                os.close(fd)
+            removed += 1
+        except OSError:
+            log.debug("could not remove stale uprobe event %s", m.group(1), exc_info=True)
+    return removed
 
 
 def compile_program(name: str, c_file: str, cflags: list[str]) -> Program:

@@ -26,6 +26,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--binary", action="append", metavar="TARGET=PATH",
                    help="also attach TARGET to this binary (repeatable)")
     p.add_argument("--query-max-bytes", dest="query_max_bytes", type=int)
+    p.add_argument("--tls-capture-bytes", dest="tls_capture_bytes", type=int,
+                   help="plaintext bytes copied per SSL_read/SSL_write (power of two, 64-16384)")
     p.add_argument("--slow-threshold-ms", dest="slow_threshold_ms", type=float)
     p.add_argument("--sample-ratio", dest="sample_ratio", type=float)
     p.add_argument("--capture-raw-query", dest="capture_raw_query", action="store_const", const=True,
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     cli = {k: getattr(args, k, None) for k in (
-        "targets", "output", "health_addr", "prometheus_addr", "query_max_bytes",
+        "targets", "output", "health_addr", "prometheus_addr", "query_max_bytes", "tls_capture_bytes",
         "slow_threshold_ms", "sample_ratio", "capture_raw_query", "log_level")}
     binaries: dict[str, list[str]] = {}
     for item in getattr(args, "binary", None) or []:

@@ -27,6 +27,7 @@ class Config:
     health_addr: str = "127.0.0.1:9464"
     prometheus_addr: str = ""  # "" = off
     query_max_bytes: int = 1024  # query text copied by the kernel (power of two)
+    tls_capture_bytes: int = 4096  # plaintext copied per SSL_read/SSL_write call (power of two)
     slow_threshold_ms: float = 500.0  # slower operations are always kept and logged
     sample_ratio: float = 1.0  # fraction of (fast, successful) operations sent as spans
     capture_raw_query: bool = False  # opt-in: export query text with its literals
@@ -99,6 +100,9 @@ def _validate(cfg: Config) -> Config:
     q = cfg.query_max_bytes
     if q < 64 or q > 8192 or q & (q - 1):
         raise bad("query_max_bytes", "must be a power of two from 64 to 8192")
+    t = cfg.tls_capture_bytes
+    if t < 64 or t > 16384 or t & (t - 1):
+        raise bad("tls_capture_bytes", "must be a power of two from 64 to 16384")
     if not 0.0 <= cfg.sample_ratio <= 1.0:
         raise bad("sample_ratio", "must be between 0 and 1")
     if cfg.slow_threshold_ms < 0:

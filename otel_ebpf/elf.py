@@ -303,3 +303,147 @@ def elf_info(path: str) -> ElfInfo:
     except OSError as exc:
         raise ElfError(f"{path}: {exc.strerror}") from exc
     return _cached(path, st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+# --- DWARF: struct layouts ----------------------------------------------------------
+
+DEBUG_ROOT = "/usr/lib/debug"
+
+
+def _build_id(elf: ELFFile) -> str | None:
+    section = elf.get_section_by_name(".note.gnu.build-id")
+    if not isinstance(section, NoteSection):
+        return None
+    for note in section.iter_notes():
+        if note["n_type"] == "NT_GNU_BUILD_ID":
+            return str(note["n_desc"])
+    return None
+
+
+def _debuglink(elf: ELFFile) -> str | None:
+    section = elf.get_section_by_name(".gnu_debuglink")
+    if section is None:
+        return None
+    return section.data().split(b"\0", 1)[0].decode("utf-8", "replace") or None
+
+
+def debug_file_for(path: str) -> str | None:
+    """The file holding `path`'s DWARF: itself, or its separate debug file found by
+    build id (/usr/lib/debug/.build-id/xx/yyyy.debug) or .gnu_debuglink. A debug file
+    whose build id differs from the binary's is not taken."""
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            if elf.get_section_by_name(".debug_info") is not None:
+                return path
+            build_id, link = _build_id(elf), _debuglink(elf)
+    except Exception:  # noqa: BLE001 - pyelftools raises its own types on corrupt files
+        return None
+    candidates = []
+    if build_id and len(build_id) > 2:
+        candidates.append(os.path.join(DEBUG_ROOT, ".build-id", build_id[:2], build_id[2:] + ".debug"))
+    if link:
+        real_dir = os.path.dirname(os.path.realpath(path))
+        candidates += [os.path.join(real_dir, link), os.path.join(real_dir, ".debug", link),
+                       DEBUG_ROOT + os.path.join(real_dir, link)]
+    for candidate in candidates:
+        try:
+            with open(candidate, "rb") as fh:
+                debug = ELFFile(fh)
+                if debug.get_section_by_name(".debug_info") is None:
+                    continue
+                if build_id and _build_id(debug) not in (None, build_id):
+                    continue
+                return candidate
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def _strip_type(die):
+    """Follow typedefs and qualifiers to the type that has the members."""
+    seen = 0
+    while die is not None and die.tag in ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type") \
+            and "DW_AT_type" in die.attributes and seen < 16:
+        die = die.get_DIE_from_attribute("DW_AT_type")
+        seen += 1
+    return die
+
+
+def _member_location(member) -> int | None:
+    attr = member.attributes.get("DW_AT_data_member_location")
+    if attr is None:
+        return 0 if member.get_parent() is not None and member.get_parent().tag == "DW_TAG_union_type" else None
+    if isinstance(attr.value, int):
+        return attr.value
+    if isinstance(attr.value, list) and len(attr.value) == 2 and attr.value[0] == 0x23:  # DW_OP_plus_uconst
+        return attr.value[1]
+    return None
+
+
+def _member_offset(struct_die, dotted: str) -> int | None:
+    offset = 0
+    die = struct_die
+    for part in dotted.split("."):
+        die = _strip_type(die)
+        if die is None or die.tag not in ("DW_TAG_structure_type", "DW_TAG_union_type"):
+            return None
+        for child in die.iter_children():
+            name = child.attributes.get("DW_AT_name")
+            if child.tag == "DW_TAG_member" and name is not None and name.value.decode() == part:
+                location = _member_location(child)
+                if location is None or "DW_AT_bit_size" in child.attributes:
+                    return None  # bit-fields have no byte offset
+                offset += location
+                die = child.get_DIE_from_attribute("DW_AT_type")
+                break
+        else:
+            return None
+    return offset
+
+
+def dwarf_member_offsets(path: str, wanted: dict[str, tuple[str, ...]],
+                         cu_hint: str = "") -> tuple[str, dict[str, dict[str, int]]]:
+    """Byte offsets of struct members from the DWARF of `path` or of its debug file.
+
+    ``wanted`` maps a type name (typedef or struct tag) to member paths, dotted for
+    nested structs (``"headers_out.status"``). Returns the file the DWARF came from and
+    the offsets found; members not found (or bit-fields) are left out. Compile units
+    whose name contains ``cu_hint`` are searched first: a large binary has thousands.
+    Raises ElfError when there is no DWARF to read.
+    """
+    source = debug_file_for(path)
+    if source is None:
+        raise ElfError(f"{path}: no DWARF (not in the binary, no debug file found by build id or debuglink)")
+    found: dict[str, dict[str, int]] = {}
+    try:
+        with open(source, "rb") as fh:
+            elf = ELFFile(fh)
+            dwarf = elf.get_dwarf_info(relocate_dwarf_sections=elf.header["e_type"] == "ET_REL")
+            cus = list(dwarf.iter_CUs())
+
+            def cu_name(cu) -> str:
+                attr = cu.get_top_DIE().attributes.get("DW_AT_name")
+                return attr.value.decode("utf-8", "replace") if attr else ""
+
+            if cu_hint:
+                cus.sort(key=lambda cu: cu_hint not in cu_name(cu))
+            for cu in cus:
+                for die in cu.get_top_DIE().iter_children():
+                    name_attr = die.attributes.get("DW_AT_name")
+                    if name_attr is None or die.tag not in ("DW_TAG_typedef", "DW_TAG_structure_type"):
+                        continue
+                    type_name = name_attr.value.decode("utf-8", "replace")
+                    if type_name not in wanted or "DW_AT_declaration" in die.attributes:
+                        continue
+                    offsets = {m: off for m in wanted[type_name]
+                               if (off := _member_offset(die, m)) is not None}
+                    if len(offsets) > len(found.get(type_name, {})):
+                        found[type_name] = offsets
+                if all(len(found.get(t, {})) == len(m) for t, m in wanted.items()):
+                    break
+    except ElfError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyelftools raises its own types on odd DWARF
+        raise ElfError(f"{source}: cannot read DWARF ({exc.__class__.__name__}: {exc})") from exc
+    return source, found

@@ -29,6 +29,8 @@ CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 METRIC_INFO: dict[str, tuple[str, str]] = {
     "db.server.operation.duration": ("s", "Duration of database operations seen inside the server"),
     "http.server.request.duration": ("s", "Duration of HTTP server requests"),
+    "http.client.request.duration": ("s", "Duration of HTTP client requests"),
+    "otel_ebpf.target.counts": ("{event}", "What a target counted or dropped while decoding, by reason"),
     "otel_ebpf.db.slow_operations": ("{operation}", "Database operations slower than the slow threshold"),
     "otel_ebpf.events": ("{event}", "Records the kernel side wrote to the ring buffer"),
     "otel_ebpf.events.lost": ("{event}", "Records lost because the ring buffer was full"),

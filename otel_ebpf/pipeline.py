@@ -158,6 +158,9 @@ class Agent:
             t = threading.Thread(target=fn, name=f"otel-ebpf-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        stale = bpf.remove_stale_events()
+        if stale:
+            log.info("removed %d uprobe events left by agents that were killed", stale)
         self.attach_new()
         self._last_scan = time.monotonic()
         self.ready.set()
@@ -200,14 +203,19 @@ class Agent:
         """Metrics for every operation, then sampling, then the export queue."""
         slow = self.config.slow_threshold_s
         ratio = self.config.sample_ratio
+        # Read each process's Resource now, while it runs: a short-lived client may be gone
+        # by the time its batch is exported.
+        for pid in {s.resource_pid for s in spans}:
+            self.resources.proto(pid)
         keep: list[SpanData] = []
         slow_spans: list[SpanData] = []
         for s in spans:
             target = registry.get(s.target)
             duration = s.duration_s
+            metric, names = target.metric_of(s)
+            attrs = {k: s.attributes.get(k) for k in names}
             if not target.kernel_histograms:
-                attrs = {k: s.attributes.get(k) for k in target.metric_attributes}
-                self.metrics.record_duration(target.duration_metric, attrs, duration)
+                self.metrics.record_duration(metric, attrs, duration)
             is_slow = duration >= slow
             if is_slow and "db.system.name" in s.attributes:
                 self.metrics.add("otel_ebpf.db.slow_operations", {
@@ -220,9 +228,7 @@ class Agent:
                 self.counts["spans.sampled_out"] += 1
                 continue
             s.trace_id, s.span_id = new_ids()
-            self.metrics.set_exemplar(target.duration_metric,
-                                      {k: s.attributes.get(k) for k in target.metric_attributes},
-                                      duration, s.end_ns, s.trace_id, s.span_id)
+            self.metrics.set_exemplar(metric, attrs, duration, s.end_ns, s.trace_id, s.span_id)
             if is_slow:
                 slow_spans.append(s)
             keep.append(s)
@@ -330,6 +336,9 @@ class Agent:
         for (key, name), value in totals.items():
             m.set_counter(key, {"target": name}, value)
         m.set_counter("otel_ebpf.starts.expired", {}, self.counts["starts.expired"])
+        for target in self.targets:
+            for reason, value in target.counters().items():
+                m.set_counter("otel_ebpf.target.counts", {"target": target.name, "reason": reason}, value)
         for name, fill in ringbuf.items():
             m.set_gauge("otel_ebpf.ringbuf.usage", {"target": name}, fill)
         m.set_gauge("otel_ebpf.probes.attached", {}, attached)

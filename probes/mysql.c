@@ -69,7 +69,6 @@
 #define FLAG_MARIADB 1
 #define FLAG_USDT 2
 #define FLAG_FAILED 4
-#define FLAG_TRUNCATED 8
 
 #define DB_MAX 64
 /* error number in dim for a failure whose number is unknown */
@@ -246,14 +245,13 @@ int on_dispatch_enter(struct pt_regs *ctx)
     struct mysql_event *ev = new_event(tid, 0);
     if (!ev)
         return 0;
-    u32 n = clamp_len(length, QUERY_MAX);
-    if (n >= QUERY_MAX) {
-        n = QUERY_MAX;
-        ev->flags |= FLAG_TRUNCATED;
-    }
+    /* The scratch slot holds the previous query's bytes, and sql_operation() reads the first
+     * 16: a shorter query must not borrow the rest of its keyword from them. */
+    __builtin_memset(ev->query, 0, 16);
+    u32 n = clamp_len(length, QUERY_MAX); /* longer text is cut: the sanitizer copes */
     if (bpf_probe_read_user(ev->query, n, (void *)packet) == 0)
         ev->copied = n;
-    ev->query_len = length > 0xFFFFFFFFULL ? 0xFFFFFFFF : (u32)length;
+    ev->query_len = (u32)length;
     copy_current_db(ev, thd);
     start_query(tid, ev);
     return 0;
@@ -280,8 +278,6 @@ int on_usdt_query_start(struct pt_regs *ctx)
     int len = bpf_probe_read_user_str(ev->query, QUERY_MAX, (void *)(ARG_QUERY));
     ev->copied = len > 1 ? (u32)(len - 1) : 0; /* without the NUL */
     ev->query_len = ev->copied;
-    if (len >= QUERY_MAX)
-        ev->flags |= FLAG_TRUNCATED;
     ev->connection_id = ARG_CONNID;
     if (bpf_probe_read_user_str(ev->db, DB_MAX, (void *)(ARG_DB)) < 0)
         ev->db[0] = 0;

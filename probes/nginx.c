@@ -25,7 +25,10 @@
  *   HAVE_SCHEME    R_CONNECTION C_SSL
  *   HAVE_UA        R_USER_AGENT TE_VALUE
  *   HAVE_NGX_START R_START_SEC R_START_MSEC, and WALL_MINUS_MONO_NS (measured at plan time)
- * Sizes: URI_MAX, UA_MAX (powers of two).
+ * R_BLOCK and C_BLOCK are the bytes of ngx_http_request_t and ngx_connection_t that
+ * hold every member read (multiples of 8, 0 for none): each is read with one helper
+ * call, since a user read costs about 0.1 us here and there would be a dozen.
+ * Sizes: URI_MAX, UA_MAX (powers of two; at most URI_MAX-1 and UA_MAX-1 bytes kept).
  */
 #include "common.h"
 
@@ -37,6 +40,12 @@
 #endif
 #ifndef WALL_MINUS_MONO_NS
 #define WALL_MINUS_MONO_NS 0ULL
+#endif
+#ifndef R_BLOCK
+#define R_BLOCK 0
+#endif
+#ifndef C_BLOCK
+#define C_BLOCK 0
 #endif
 /* A group not defined on the command line is not read. */
 #ifndef HAVE_MAIN
@@ -69,6 +78,7 @@
 #ifndef HAVE_NGX_START
 #define HAVE_NGX_START 0
 #endif
+
 #define HTTP_VERSION_9 9
 #define HTTP_VERSION_10 1000
 #define HTTP_VERSION_11 1001
@@ -85,7 +95,7 @@
 #define F_SCHEME (1 << 6)
 #define F_UA (1 << 7)
 #define F_NGX_START (1 << 8) /* start_ns is 0: the request started at start_wall_ms */
-#define F_URI_CUT (1 << 9)   /* the URI was longer than URI_MAX */
+#define F_URI_CUT (1 << 9)   /* the URI was longer than URI_MAX - 1 bytes */
 
 struct req_key {
     u64 r;
@@ -110,33 +120,35 @@ struct nginx_event {
     u16 server_port;   /* host order */
     u8 https;
     u8 pad;
-    u32 uri_len;       /* bytes copied into uri[] */
-    u32 ua_len;        /* bytes copied into ua[] */
+    u32 ua_len;        /* data[0 .. ua_len) is the User-Agent */
+    u32 uri_len;       /* data[ua_len .. ua_len + uri_len) is the URI; the record ends there */
     u8 client[28];     /* struct sockaddr_in / sockaddr_in6 of the client */
     u32 pad2;
-    char ua[UA_MAX];
-    char uri[URI_MAX]; /* last: the record is cut after uri_len bytes */
+    char data[UA_MAX + URI_MAX];
+};
+
+/* Per-CPU room for the record and the raw struct bytes it is read from. */
+struct scratch_space {
+    struct nginx_event ev;
+    u8 request[R_BLOCK + 8];
+    u8 connection[C_BLOCK + 8];
 };
 
 BPF_TABLE("lru_hash", struct req_key, u64, inflight, INFLIGHT_MAX);
-BPF_PERCPU_ARRAY(scratch, struct nginx_event, 1);
+BPF_PERCPU_ARRAY(scratch, struct scratch_space, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
 BPF_HASH(hist_sum, u64, u64, HIST_MAX);
+
+#define R_FIELD(sp, off) (*(u64 *)((sp)->request + (off)))
+#define C_FIELD(sp, off) (*(u64 *)((sp)->connection + (off)))
 
 static __always_inline void stat_inc(int index)
 {
     u64 *value = stats.lookup(&index);
     if (value)
         (*value)++;
-}
-
-static __always_inline u64 read_u64(u64 addr)
-{
-    u64 value = 0;
-    bpf_probe_read_user(&value, sizeof(value), (void *)addr);
-    return value;
 }
 
 int on_request_start(struct pt_regs *ctx)
@@ -149,7 +161,7 @@ int on_request_start(struct pt_regs *ctx)
     return 0;
 }
 
-/* Low-cardinality histogram key: method bit, status, scheme, protocol version
+/* Low-cardinality histogram key: method bit, scheme, protocol version, status
  * (0 = not known). Decoded by NginxTarget.hist_attributes(). */
 static __always_inline u64 hist_dim(struct nginx_event *ev)
 {
@@ -186,56 +198,61 @@ static __always_inline void record_duration(u64 dim, u64 ns)
 
 /* The status nginx logs: err_status, else headers_out.status, which
  * ngx_http_free_request replaces with rc when rc > 0 and nothing was sent. */
-static __always_inline u32 final_status(u64 r, u64 conn, s64 rc)
+static __always_inline u32 final_status(struct scratch_space *sp, s64 rc)
 {
     u64 status = 0;
 #if HAVE_STATUS
-    status = read_u64(r + R_STATUS);
-    if (rc > 0 && (status == 0 || read_u64(conn + C_SENT) == 0))
+    status = R_FIELD(sp, R_STATUS);
+    if (rc > 0 && (status == 0 || C_FIELD(sp, C_SENT) == 0))
         status = rc;
-    u64 err_status = read_u64(r + R_ERR_STATUS);
+    u64 err_status = R_FIELD(sp, R_ERR_STATUS);
     if (err_status)
         status = err_status;
 #endif
     return status > 999 ? 0 : (u32)status;
 }
 
-static __always_inline void read_strings(struct nginx_event *ev, u64 r)
+/* The User-Agent, then the URI right after it: the record ends with the URI. */
+static __always_inline void read_strings(struct scratch_space *sp, struct nginx_event *ev)
 {
-    ev->uri_len = 0;
-    ev->ua_len = 0;
-#if HAVE_URI
-    struct ngx_str uri = {};
-    bpf_probe_read_user(&uri, sizeof(uri), (void *)(r + R_UNPARSED_URI));
-    if (uri.len > URI_MAX)
-        ev->flags |= F_URI_CUT;
-    u32 n = clamp_len(uri.len, URI_MAX);
-    if (uri.data && n > 0 && bpf_probe_read_user(ev->uri, n, (void *)uri.data) == 0)
-        ev->uri_len = n;
-#endif
+    u32 ua_len = 0;
+    u32 uri_len = 0;
 #if HAVE_UA
-    u64 header = read_u64(r + R_USER_AGENT);
+    u64 header = R_FIELD(sp, R_USER_AGENT);
     if (header) {
         struct ngx_str ua = {};
         bpf_probe_read_user(&ua, sizeof(ua), (void *)(header + TE_VALUE));
-        u32 m = clamp_len(ua.len, UA_MAX);
-        if (ua.data && m > 0 && bpf_probe_read_user(ev->ua, m, (void *)ua.data) == 0)
-            ev->ua_len = m;
+        u32 m = clamp_len(ua.len, UA_MAX - 1) & (UA_MAX - 1);
+        if (ua.data && m > 0 && bpf_probe_read_user(ev->data, m, (void *)ua.data) == 0)
+            ua_len = m;
     }
 #endif
+#if HAVE_URI
+    u64 uri_size = R_FIELD(sp, R_UNPARSED_URI);
+    u64 uri_data = R_FIELD(sp, R_UNPARSED_URI + 8);
+    if (uri_size > URI_MAX - 1)
+        ev->flags |= F_URI_CUT;
+    u32 n = clamp_len(uri_size, URI_MAX - 1) & (URI_MAX - 1);
+    u32 at = ua_len & (UA_MAX - 1);
+    if (uri_data && n > 0 && bpf_probe_read_user(ev->data + at, n, (void *)uri_data) == 0)
+        uri_len = n;
+    ev->flags |= F_URI;
+#endif
+    if (ua_len)
+        ev->flags |= F_UA;
+    ev->ua_len = ua_len;
+    ev->uri_len = uri_len;
 }
 
-static __always_inline void read_connection(struct nginx_event *ev, u64 conn)
+static __always_inline void read_addresses(struct scratch_space *sp, struct nginx_event *ev)
 {
-    if (!conn)
-        return;
 #if HAVE_CLIENT
-    u64 sa = read_u64(conn + C_SOCKADDR);
+    u64 sa = C_FIELD(sp, C_SOCKADDR);
     if (sa && bpf_probe_read_user(ev->client, sizeof(ev->client), (void *)sa) == 0)
         ev->flags |= F_CLIENT;
 #endif
 #if HAVE_SERVER
-    u64 local = read_u64(conn + C_LOCAL_SOCKADDR);
+    u64 local = C_FIELD(sp, C_LOCAL_SOCKADDR);
     u16 port_be = 0;
     if (local && bpf_probe_read_user(&port_be, sizeof(port_be), (void *)(local + 2)) == 0) {
         ev->server_port = (port_be >> 8) | ((port_be & 0xff) << 8);
@@ -249,14 +266,31 @@ int on_request_end(struct pt_regs *ctx)
     u64 end = bpf_ktime_get_ns();
     u64 r = PT_REGS_PARM1(ctx);
     s64 rc = (s64)PT_REGS_PARM2(ctx);
+    int zero = 0;
+    struct scratch_space *sp = scratch.lookup(&zero);
+    if (!sp)
+        return 0;
+    struct nginx_event *ev = &sp->ev;
+    int have_request = 0, have_connection = 0;
+#if R_BLOCK > 0
+    have_request = bpf_probe_read_user(sp->request, R_BLOCK, (void *)r) == 0;
+#endif
+#if HAVE_MAIN
+    /* A subrequest is never freed on its own in nginx 1.x, so r->main is r: when it is
+     * not, the offsets do not fit this build. Count it rather than emit wrong fields. */
+    if (have_request && R_FIELD(sp, R_MAIN) != r) {
+        stat_inc(STAT_UNMATCHED);
+        return 0;
+    }
+#endif
+#if C_BLOCK > 0
+    u64 conn = have_request ? R_FIELD(sp, R_CONNECTION) : 0;
+    have_connection = conn && bpf_probe_read_user(sp->connection, C_BLOCK, (void *)conn) == 0;
+#endif
+
     struct req_key key = {};
     key.r = r;
     key.tgid = bpf_get_current_pid_tgid() >> 32;
-
-#if HAVE_MAIN
-    if (read_u64(r + R_MAIN) != r)
-        return 0; /* a subrequest: never freed on its own in nginx 1.x, but be sure */
-#endif
     u64 start = 0;
     u64 *started = inflight.lookup(&key);
     if (started) {
@@ -264,10 +298,6 @@ int on_request_end(struct pt_regs *ctx)
         inflight.delete(&key);
     }
 
-    int zero = 0;
-    struct nginx_event *ev = scratch.lookup(&zero);
-    if (!ev)
-        return 0;
     ev->flags = 0;
     ev->start_ns = start;
     ev->end_ns = end;
@@ -275,14 +305,14 @@ int on_request_end(struct pt_regs *ctx)
     ev->pid = key.tgid;
     ev->server_port = 0;
     ev->https = 0;
-
-    u64 conn = 0;
-#if HAVE_STATUS || HAVE_CLIENT || HAVE_SERVER || HAVE_SCHEME
-    conn = read_u64(r + R_CONNECTION);
-#endif
-    ev->status = final_status(r, conn, rc);
+    ev->method = 0;
+    ev->http_version = 0;
+    ev->status = 0;
 #if HAVE_STATUS
-    ev->flags |= F_STATUS;
+    if (have_request && have_connection) {
+        ev->status = final_status(sp, rc);
+        ev->flags |= F_STATUS;
+    }
 #endif
 
     u64 duration = end - start;
@@ -293,9 +323,7 @@ int on_request_end(struct pt_regs *ctx)
             return 0;
         }
 #if HAVE_NGX_START
-        u64 sec = read_u64(r + R_START_SEC);
-        u64 msec = read_u64(r + R_START_MSEC);
-        ev->start_wall_ms = sec * 1000 + msec;
+        ev->start_wall_ms = R_FIELD(sp, R_START_SEC) * 1000 + R_FIELD(sp, R_START_MSEC);
         ev->flags |= F_NGX_START;
         u64 start_wall_ns = ev->start_wall_ms * 1000000ULL;
         u64 end_wall_ns = end + WALL_MINUS_MONO_NS;
@@ -306,21 +334,19 @@ int on_request_end(struct pt_regs *ctx)
 #endif
     }
 
+    if (have_request) {
 #if HAVE_METHOD
-    ev->method = (u32)read_u64(r + R_METHOD);
-    ev->flags |= F_METHOD;
-#else
-    ev->method = 0;
+        ev->method = (u32)R_FIELD(sp, R_METHOD);
+        ev->flags |= F_METHOD;
 #endif
 #if HAVE_VERSION
-    ev->http_version = (u32)read_u64(r + R_HTTP_VERSION);
-    ev->flags |= F_VERSION;
-#else
-    ev->http_version = 0;
+        ev->http_version = (u32)R_FIELD(sp, R_HTTP_VERSION);
+        ev->flags |= F_VERSION;
 #endif
+    }
 #if HAVE_SCHEME
-    if (conn) {
-        ev->https = read_u64(conn + C_SSL) != 0;
+    if (have_connection) {
+        ev->https = C_FIELD(sp, C_SSL) != 0;
         ev->flags |= F_SCHEME;
     }
 #endif
@@ -332,15 +358,13 @@ int on_request_end(struct pt_regs *ctx)
         return 0;
     }
 
-    read_connection(ev, conn);
-    read_strings(ev, r);
-    if (ev->uri_len > 0)
-        ev->flags |= F_URI;
-    if (ev->ua_len > 0)
-        ev->flags |= F_UA;
-    u32 size = offsetof(struct nginx_event, uri) + (ev->uri_len & (URI_MAX - 1));
-    if (ev->uri_len >= URI_MAX)
-        size = sizeof(struct nginx_event);
+    if (have_connection)
+        read_addresses(sp, ev);
+    ev->ua_len = 0;
+    ev->uri_len = 0;
+    if (have_request)
+        read_strings(sp, ev);
+    u32 size = offsetof(struct nginx_event, data) + (ev->ua_len & (UA_MAX - 1)) + (ev->uri_len & (URI_MAX - 1));
     stat_inc(events.ringbuf_output(ev, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
     return 0;
 }

@@ -212,6 +212,7 @@ int on_free(struct pt_regs *ctx)
     close.pid = key.pid;
     close.tid = (u32)pid_tgid;
     close.direction = DIR_CLOSE;
+    bpf_get_current_comm(&close.comm, sizeof(close.comm));
     conns.delete(&key);
     stat_inc(events.ringbuf_output(&close, sizeof(close), 0) == 0 ? STAT_EVENTS : STAT_LOST);
     return 0;

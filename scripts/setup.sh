@@ -15,7 +15,7 @@ fi
 # reference tools the benchmarks compare against, promtool for the alert rules.
 PACKAGES="python3-bpfcc bpfcc-tools bpftrace python3-venv python3-dev gcc make binutils
 systemtap-sdt-dev postgresql postgresql-contrib mariadb-server mariadb-client
-nginx nginx-dev libssl-dev openssl curl wrk prometheus prometheus-alertmanager iproute2 util-linux libcap2-bin"
+nginx nginx-dev libssl-dev openssl curl wrk prometheus prometheus-alertmanager libpcre2-dev zlib1g-dev iproute2 util-linux libcap2-bin"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -100,18 +100,20 @@ class NginxServer:
     anything else, and `/upstream/...` proxied to `upstream` (HOST:PORT) when given.
 
     `tls_port=True` (with `ssl_cert`/`ssl_key` paths) adds a TLS listener serving the
-    same locations. `extra_config` is inserted verbatim into the server block.
+    same locations, speaking HTTP/2 too with `http2=True`. `extra_config` is inserted
+    verbatim into the server block.
     """
 
     def __init__(self, *, upstream: str | None = None, workers: int = 2, tls_port: bool = False,
-                 ssl_cert: str | None = None, ssl_key: str | None = None, extra_config: str = "",
-                 env: dict[str, str] | None = None):
+                 ssl_cert: str | None = None, ssl_key: str | None = None, http2: bool = False,
+                 extra_config: str = "", env: dict[str, str] | None = None):
         if tls_port and not (ssl_cert and ssl_key):
             raise ServerError("a TLS listener needs ssl_cert and ssl_key")
         self.nginx = nginx_binary()
         self.upstream = upstream
         self.workers = workers
         self.ssl_cert, self.ssl_key = ssl_cert, ssl_key
+        self.http2 = http2
         self.extra_config = extra_config
         self.env = env or {}
         self.port = free_port()
@@ -148,7 +150,7 @@ class NginxServer:
         listens = [f"listen 127.0.0.1:{self.port};"]
         tls = ""
         if self.tls_port:
-            listens.append(f"listen 127.0.0.1:{self.tls_port} ssl;")
+            listens.append(f"listen 127.0.0.1:{self.tls_port} ssl{' http2' if self.http2 else ''};")
             tls = f"ssl_certificate {self.ssl_cert};\n        ssl_certificate_key {self.ssl_key};"
         upstream = (f"location /upstream/ {{ proxy_pass http://{self.upstream}; "
                     "proxy_http_version 1.1; proxy_set_header Connection \"\"; }") if self.upstream else ""
@@ -187,6 +189,14 @@ http {{
         return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **self.env}, timeout=30)
 
     def start(self) -> "NginxServer":
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # a half-started nginx must not outlive the failure
+            raise
+        return self
+
+    def _start(self) -> None:
         self._write_files()
         test = self._run("-t")
         if test.returncode != 0:
@@ -194,12 +204,11 @@ http {{
         r = self._run()  # daemonizes: returns once the master is running
         if r.returncode != 0:
             raise ServerError(f"nginx failed to start: {r.stderr.strip()} {self.log_tail()}")
+        self.master_pid = self._read_pid()
         wait_for_port(self.port, timeout=15)
         if self.tls_port:
             wait_for_port(self.tls_port, timeout=15)
-        self.master_pid = self._read_pid()
         self._wait_workers(set())
-        return self
 
     def _read_pid(self) -> int:
         deadline = time.monotonic() + 10

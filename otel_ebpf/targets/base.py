@@ -110,6 +110,16 @@ class Target(ABC):
         """Metric attributes of a kernel histogram key (`dim` of struct hist_key)."""
         return {}
 
+    def metric_of(self, span: SpanData) -> tuple[str, tuple[str, ...]]:
+        """The duration metric a span feeds and its attribute names (CLIENT and SERVER differ)."""
+        return self.duration_metric, self.metric_attributes
+
+    malformed_records: int = 0  # records too short or inconsistent to decode (counted, never fatal)
+
+    def counters(self) -> dict[str, int]:
+        """What the target counted or dropped while decoding, by reason (exported as metrics)."""
+        return {"malformed_records": self.malformed_records} if self.malformed_records else {}
+
     @abstractmethod
     def candidate_paths(self) -> list[str]:
         """Well-known install paths of the target's binaries (may not exist)."""

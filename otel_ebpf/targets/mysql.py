@@ -40,7 +40,7 @@ LAYOUT_TEXT = {
 INFLIGHT_MAX = 4096
 
 # Record flags and dim layout (probes/mysql.c).
-FLAG_MARIADB, FLAG_USDT, FLAG_FAILED, FLAG_TRUNCATED = 1, 2, 4, 8
+FLAG_MARIADB, FLAG_USDT, FLAG_FAILED = 1, 2, 4
 ERROR_UNKNOWN = 0xFFFFFF
 OTHER = "_OTHER"
 # struct mysql_event up to query[]: start, end, connection id, pid, tid, error, flags,
@@ -193,7 +193,7 @@ def _explain(b: MysqlBinary, info: ElfInfo) -> list[str]:
         notes.append(f"{why}: uprobe + uretprobe on dispatch_command {LAYOUT_TEXT[b.layout]}; "
                      "one span per COM_QUERY packet (a multi-statement packet is one span)")
         notes.append("db.namespace: THD::set_db/THD::reset_db (handshake, COM_INIT_DB, USE)" if b.db_symbols
-                     else "db.namespace: from COM_INIT_DB only (no out-of-line THD::set_db/reset_db here): "
+                     else "db.namespace: from COM_INIT_DB only (no THD::set_db/reset_db symbols): "
                           "a USE statement or the handshake's database is not seen")
     notes.append(_explain_errors(b))
     return notes
@@ -219,6 +219,7 @@ class MysqlTarget(Target):
     duration_metric = "db.server.operation.duration"
     metric_attributes = (DB.DB_SYSTEM_NAME, DB.DB_OPERATION_NAME, ERROR.ERROR_TYPE)
     kernel_histograms = True
+    inflight_keyed_by_tid = True  # probes/mysql.c pairs start and end by thread
 
     def __init__(self) -> None:
         self.malformed_records = 0  # ring buffer records too short to decode
@@ -236,7 +237,7 @@ class MysqlTarget(Target):
         try:
             b = examine(path)
         except ElfError as exc:
-            return Inspection(path, False, "", {}, [str(exc)])
+            return Inspection(path, False, "none", {}, [str(exc)])
         probes = {
             f"{PROVIDER}:{USDT_START}": bool(b.usdt_start),
             f"{PROVIDER}:{USDT_DONE}": bool(b.usdt_done),
@@ -258,7 +259,7 @@ class MysqlTarget(Target):
             f"-DERROR_IGNORE_FLAGS={b.error.ignore_flags if b.error else 0}",
         ]
         if b.has_usdt:
-            attach = self._usdt_attach(b, path)
+            attach = self._usdt_attach(b)
             cflags += self._usdt_cflags(path)
         else:
             attach = self._uprobe_attach(b)
@@ -279,7 +280,7 @@ class MysqlTarget(Target):
         ]
 
     @staticmethod
-    def _usdt_attach(b: MysqlBinary, path: str) -> list[AttachSpec]:
+    def _usdt_attach(b: MysqlBinary) -> list[AttachSpec]:
         return [
             AttachSpec(fn, site.file_offset, f"{PROVIDER}:{site.name}", ref_ctr_offset=site.semaphore_offset)
             for sites, fn in ((b.usdt_start, "on_usdt_query_start"), (b.usdt_done, "on_usdt_query_done"))
@@ -327,18 +328,7 @@ class MysqlTarget(Target):
         query = raw[_HEADER.size:_HEADER.size + copied]
         system = SYSTEM_MARIADB if flags & FLAG_MARIADB else SYSTEM_MYSQL
         info = sql.analyze(query, "mysql")
-        attrs: dict[str, object] = {DB.DB_SYSTEM_NAME: system}
-        db_name = db.split(b"\0", 1)[0].decode("utf-8", "replace")
-        if db_name:
-            attrs[DB.DB_NAMESPACE] = db_name
-        if getattr(ctx.config, "capture_raw_query", False):
-            attrs[DB.DB_QUERY_TEXT] = query.split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif info.text:
-            attrs[DB.DB_QUERY_TEXT] = info.text
-        if info.summary:
-            attrs[DB.DB_QUERY_SUMMARY] = info.summary
-        if info.operation:
-            attrs[DB.DB_OPERATION_NAME] = info.operation
+        attrs = self._query_attributes(system, db, query, info, ctx.config)
         failed = bool(flags & FLAG_FAILED)
         message = ""
         if failed:
@@ -349,3 +339,20 @@ class MysqlTarget(Target):
         offset = ctx.mono_to_epoch_ns
         return SpanData(info.summary or system, KIND_SERVER, start + offset, end + offset, attrs,
                         resource_pid=pid, target=self.name, error=failed, status_message=message)
+
+    @staticmethod
+    def _query_attributes(system: str, db: bytes, query: bytes, info: sql.SqlInfo,
+                          config: object) -> dict[str, object]:
+        attrs: dict[str, object] = {DB.DB_SYSTEM_NAME: system}
+        db_name = db.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if db_name:
+            attrs[DB.DB_NAMESPACE] = db_name
+        if getattr(config, "capture_raw_query", False):  # opt-in: literals included
+            attrs[DB.DB_QUERY_TEXT] = query.split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif info.text:
+            attrs[DB.DB_QUERY_TEXT] = info.text
+        if info.summary:
+            attrs[DB.DB_QUERY_SUMMARY] = info.summary
+        if info.operation:
+            attrs[DB.DB_OPERATION_NAME] = info.operation
+        return attrs

@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 
 START_FUNCTION = "ngx_http_process_request"
 END_FUNCTION = "ngx_http_free_request"
-URI_MAX = 1024  # bytes of the request URI (path and query) the kernel copies
-UA_MAX = 256  # bytes of the User-Agent header the kernel copies
+URI_MAX = 1024  # the kernel copies up to URI_MAX - 1 bytes of the request URI (path and query)
+UA_MAX = 256  # and up to UA_MAX - 1 bytes of the User-Agent header
 
 # Table sections -> the C type DWARF names them by, and the members the kernel reads.
 STRUCT_TYPES = {"request": "ngx_http_request_t", "connection": "ngx_connection_t", "table_elt": "ngx_table_elt_t"}
@@ -103,10 +103,11 @@ HTTP_VERSIONS = {9: "0.9", 1000: "1.0", 1001: "1.1", 2000: "2", 3000: "3"}
 VERSION_BY_INDEX = {1: "0.9", 2: "1.0", 3: "1.1", 4: "2", 5: "3"}
 SCHEME_BY_INDEX = {1: "http", 2: "https"}
 
-# struct nginx_event up to ua[] (probes/nginx.c), then ua[UA_MAX], then uri[uri_len].
+# struct nginx_event up to data[] (probes/nginx.c); the User-Agent and the URI follow.
 _EVENT = struct.Struct("<QQQIIIIIHBBII28sI")
-_UA_START = _EVENT.size
-_URI_START = _UA_START + UA_MAX
+_DATA = _EVENT.size
+# Members read as 16 bytes (ngx_str_t: len, data); the others are 8 (pointers, integers).
+_WIDTH = {"R_UNPARSED_URI": 16}
 
 _VERSION_RE = re.compile(rb"nginx/(\d+\.\d+\.\d+)")
 _SIGNATURE_RE = re.compile(rb"(\d+,\d+,\d+,[01]{20,})\0")
@@ -139,7 +140,7 @@ def build_identity(path: str) -> tuple[str | None, str | None]:
 class Layout:
     """Where the members the kernel reads are, for one nginx binary."""
 
-    source: str  # "DWARF (path)", "table (nginx 1.22.1, signature ...)" or ""
+    source: str  # "DWARF in <file>", "usdt/nginx-offsets.yaml", or "" when neither has it
     offsets: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def groups(self) -> dict[str, bool]:
@@ -150,22 +151,33 @@ class Layout:
         flags = [f"-DHAVE_{g}={int(ok)}" for g, ok in have.items()]
         needed = {m for g, ok in have.items() if ok for m in GROUPS[g][0]}
         flags += [f"-D{m}={self.offsets[MACROS[m]]}" for m in sorted(needed)]
+        # The kernel reads each struct's members in one go: the bytes up to the last one.
+        for block, prefix in (("R_BLOCK", "R_"), ("C_BLOCK", "C_")):
+            ends = [self.offsets[MACROS[m]] + _WIDTH.get(m, 8) for m in needed if m.startswith(prefix)]
+            flags.append(f"-D{block}={(max(ends, default=0) + 7) // 8 * 8}")
         return flags
 
     def missing_notes(self) -> list[str]:
         missing = [GROUPS[g][1] for g, ok in self.groups().items() if not ok]
         if not missing:
             return []
-        return [f"struct layout incomplete ({self.source or 'no DWARF, build not in usdt/nginx-offsets.yaml'}): "
-                f"spans lack {'; '.join(missing)}"]
+        if not self.source:
+            return [f"no DWARF and this build is not in usdt/nginx-offsets.yaml (tools/nginx_offsets.sh adds "
+                    f"it, see docs/nginx.md): spans carry timing only, without {'; '.join(missing)}"]
+        return [f"struct layout from {self.source} is incomplete: spans lack {'; '.join(missing)}"]
 
 
 def layout_from_table(version: str | None, signature: str | None) -> Layout | None:
     for build in offset_table():
-        if str(build.get("version")) == version and build.get("signature") == signature:
+        if str(build.get("version")) != version or build.get("signature") != signature:
+            continue
+        try:
             offsets = {(section, member): int(value)
                        for section in MEMBERS for member, value in (build.get(section) or {}).items()}
-            return Layout(f"table: nginx {version}, signature {signature}", offsets)
+        except (TypeError, ValueError, AttributeError):
+            log.warning("nginx: usdt/nginx-offsets.yaml: malformed entry for %s %s, ignored", version, signature)
+            return None
+        return Layout("usdt/nginx-offsets.yaml", offsets)
     return None
 
 
@@ -180,7 +192,7 @@ def layout_from_dwarf(path: str) -> Layout | None:
     offsets = {(section, member): found[STRUCT_TYPES[section]][member]
                for section, members in MEMBERS.items() for member in members
                if member in found.get(STRUCT_TYPES[section], {})}
-    return Layout(f"DWARF: {source}", offsets) if offsets else None
+    return Layout(f"DWARF in {source}", offsets) if offsets else None
 
 
 @functools.lru_cache(maxsize=32)
@@ -234,7 +246,7 @@ class NginxTarget(Target):
 
     def __init__(self) -> None:
         self._masters: dict[int, tuple[int, float]] = {}
-        self.malformed_records = 0  # records too short to decode (never expected)
+        self.malformed_records = 0  # records shorter than their header says (never expected)
 
     # --- where -------------------------------------------------------------------
 
@@ -252,8 +264,8 @@ class NginxTarget(Target):
             return Inspection(path, False, "uprobe", {}, [str(exc)])
         present = {f"{fn}()": _function_offset(info, fn) is not None for fn in (START_FUNCTION, END_FUNCTION)}
         version, signature = build_identity(path)
-        notes = [f"nginx {version or 'of unknown version'}, module signature {signature or 'unknown'}; "
-                 f"struct layout from {layout.source or 'nowhere'}"]
+        notes = [f"nginx {version or '(version not found)'}, module signature {signature or '(not found)'}"
+                 + (f": struct layout from {layout.source}" if layout.source else "")]
         if not all(present.values()):
             notes.append(f"{START_FUNCTION}/{END_FUNCTION} not found in .dynsym or .symtab: "
                          "a stripped build without exported symbols cannot be probed")
@@ -277,7 +289,7 @@ class NginxTarget(Target):
                   *layout.cflags()]
         attach = [AttachSpec("on_request_start", offsets[START_FUNCTION], f"{START_FUNCTION}()"),
                   AttachSpec("on_request_end", offsets[END_FUNCTION], f"{END_FUNCTION}()")]
-        notes = [f"struct layout from {layout.source}" if layout.source else "struct layout unknown"]
+        notes = [f"struct layout from {layout.source}"] if layout.source else []
         return BuildPlan(cflags, attach, notes + layout.missing_notes())
 
     # --- what ---------------------------------------------------------------------------
@@ -298,21 +310,25 @@ class NginxTarget(Target):
     def decode(self, records: list[bytes], ctx: DecodeContext) -> Iterable[SpanData]:
         out = []
         for raw in records:
-            if len(raw) < _URI_START:
+            span = self._span(raw, ctx) if len(raw) >= _DATA else None
+            if span is None:
                 self._malformed(len(raw))
                 continue
-            out.append(self._span(raw, ctx))
+            out.append(span)
         return out
 
     def _malformed(self, size: int) -> None:
         self.malformed_records += 1
         if self.malformed_records == 1:
-            log.warning("nginx: dropped a %d-byte record (expected at least %d): probe/decoder mismatch?",
-                        size, _URI_START)
+            log.warning("nginx: dropped a %d-byte record that does not hold what its header says "
+                        "(probe/decoder mismatch?)", size)
 
-    def _span(self, raw: bytes, ctx: DecodeContext) -> SpanData:
+    def _span(self, raw: bytes, ctx: DecodeContext) -> SpanData | None:
         (start, end, start_wall_ms, pid, flags, method_bit, version, status, server_port, https, _,
-         uri_len, ua_len, client, _) = _EVENT.unpack_from(raw)
+         ua_len, uri_len, client, _) = _EVENT.unpack_from(raw)
+        uri_at = _DATA + ua_len
+        if len(raw) < uri_at + uri_len:
+            return None
         offset = ctx.mono_to_epoch_ns
         end_ns = end + offset
         start_ns = start_wall_ms * 1_000_000 if flags & F_NGX_START else start + offset
@@ -326,7 +342,7 @@ class NginxTarget(Target):
             elif method != "_OTHER":
                 name = method
         if flags & F_URI:
-            self._url(attrs, raw[_URI_START:_URI_START + uri_len], ctx)
+            self._url(attrs, raw[uri_at:uri_at + uri_len], ctx, cut=bool(flags & F_URI_CUT))
         if flags & F_SCHEME:
             attrs[URL.URL_SCHEME] = "https" if https else "http"
         error = False
@@ -344,16 +360,19 @@ class NginxTarget(Target):
             if endpoint:
                 attrs[CLIENT.CLIENT_ADDRESS], attrs[CLIENT.CLIENT_PORT] = endpoint
         if flags & F_UA:
-            attrs[USER_AGENT.USER_AGENT_ORIGINAL] = raw[_UA_START:_UA_START + ua_len].decode("utf-8", "replace")
+            attrs[USER_AGENT.USER_AGENT_ORIGINAL] = raw[_DATA:uri_at].decode("utf-8", "replace")
         return SpanData(name, KIND_SERVER, min(start_ns, end_ns), end_ns, attrs,
                         resource_pid=self.resource_process(pid), target=self.name, error=error)
 
     @staticmethod
-    def _url(attrs: dict[str, object], uri: bytes, ctx: DecodeContext) -> None:
+    def _url(attrs: dict[str, object], uri: bytes, ctx: DecodeContext, cut: bool) -> None:
+        """url.path and url.query from the request URI as the client sent it (before any
+        rewrite or internal redirect). A URI longer than URI_MAX keeps its path's first
+        URI_MAX bytes and loses its query, whose end is unknown."""
         path, sep, query = uri.decode("utf-8", "replace").partition("?")
         if path:
             attrs[URL.URL_PATH] = path
-        if sep:
+        if sep and not cut:
             attrs[URL.URL_QUERY] = query if getattr(ctx.config, "capture_raw_query", False) else sanitize_query(query)
 
     def resource_process(self, pid: int) -> int:

@@ -26,7 +26,6 @@ give it server-side timing and routes.
 from __future__ import annotations
 
 import collections
-import glob
 import logging
 import os
 import re
@@ -235,6 +234,9 @@ class OpensslTarget(Target):
                 self.stats["records.malformed"] += 1
                 continue
             rec = _Record(raw)
+            if rec.direction not in (DIR_READ, DIR_WRITE, DIR_CLOSE) or rec.length < len(rec.data):
+                self.stats["records.malformed"] += 1
+                continue
             self.stats["records"] += 1
             if rec.pid == own_pid:
                 continue  # the agent's own TLS (OTLP over https) must not feed back into itself
@@ -274,13 +276,14 @@ class OpensslTarget(Target):
 
     # --- connections ---------------------------------------------------------------------
 
-    def _connection(self, rec: _Record) -> _Connection:
+    def _connection(self, rec: _Record, ctx: DecodeContext, spans: list[SpanData]) -> _Connection:
         key = (rec.pid, rec.ssl)
         conn = self._conns.get(key)
         if conn is None:
             if len(self._conns) >= MAX_CONNECTIONS:
-                self._conns.popitem(last=False)
+                _, evicted = self._conns.popitem(last=False)
                 self.stats["connections.evicted"] += 1
+                self._finish_connection(evicted, ctx, spans)
             conn = self._conns[key] = _Connection(rec.pid)
             self.stats["connections"] += 1
         else:
@@ -302,9 +305,9 @@ class OpensslTarget(Target):
         conn.exchanges.clear()
 
     def _on_data(self, rec: _Record, ctx: DecodeContext, spans: list[SpanData]) -> None:
-        conn = self._connection(rec)
+        conn = self._connection(rec, ctx, spans)
         if not self._track_offset(conn, rec, ctx, spans):
-            conn = self._connection(rec)  # the stream restarted: a fresh connection
+            conn = self._connection(rec, ctx, spans)  # the stream restarted: a fresh connection
             self._track_offset(conn, rec, ctx, spans)
         conn.last_seen_ns = rec.end_ns
         if conn.role == _ROLE_IGNORED:

@@ -23,16 +23,25 @@ class AgentProcess:
                     **(env or {})}
         self.log = tempfile.NamedTemporaryFile(prefix="otel-ebpf-agent-", suffix=".log", delete=False)
         self.proc: subprocess.Popen | None = None
+        self.prefix: list[str] = []  # e.g. setpriv to run with fewer privileges
         self.returncode: int | None = None
         self.stop_seconds: float | None = None
 
     def start(self, timeout: float = 30.0) -> "AgentProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "otel_ebpf.cli", *self.args],
+        os.chmod(self.log.name, 0o666)  # an agent run as another user still writes its log
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "otel_ebpf.cli", *self.args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                code, status = self.health()
+            except OSError:
+                code, status = 0, {}
+            if code == 503 and status.get("status") == "degraded":
+                self.stop()  # never leave a half-attached agent behind
+                raise AssertionError(f"agent could not attach: {status}\n{self.output()}")
             try:
                 code, status = self.health()
                 if code == 200:
@@ -41,6 +50,7 @@ class AgentProcess:
             except OSError:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise AssertionError(f"agent not healthy after {timeout} s:\n{self.output()}")
 
     def health(self) -> tuple[int, dict]:
