@@ -50,6 +50,16 @@ class PostgresServer:
             self.pid = int(fh.readline())
         return self
 
+    def restart(self) -> None:
+        """pg_ctl restart, logging to the same file (without -l the server would hold our pipe)."""
+        r = run_as(USER, [os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-l", os.path.join(self.dir, "log"),
+                          "-w", "-t", "60", "-m", "fast", "restart"], env=self.env)
+        if r.returncode != 0:
+            raise ServerError(f"pg_ctl restart failed: {r.stderr.strip()} {self.log_tail()}")
+        wait_for_port(self.port)
+        with open(os.path.join(self.data, "postmaster.pid")) as fh:
+            self.pid = int(fh.readline())
+
     def log_tail(self) -> str:
         try:
             with open(os.path.join(self.dir, "log")) as fh:

@@ -11,8 +11,7 @@ import psycopg2
 import pytest
 
 from otel_ebpf.elf import elf_info
-from otel_ebpf.servers import run_as
-from otel_ebpf.servers.postgres import USER, PostgresServer
+from otel_ebpf.servers.postgres import PostgresServer
 from tests.support import procmem
 from tests.support.agent import AgentProcess
 
@@ -100,10 +99,7 @@ def test_server_starts_after_agent_and_restarts(otlp_receiver):
         try:
             run_queries(server, ["SELECT 'before restart'"])
             assert len(otlp_receiver.wait_for_spans(mine(server), 1)) == 1
-            r = run_as(USER, [os.path.join(server.bin, "pg_ctl"), "-D", server.data, "-w", "-m", "fast", "restart"])
-            assert r.returncode == 0, r.stderr
-            with open(os.path.join(server.data, "postmaster.pid")) as fh:
-                server.pid = int(fh.readline())
+            server.restart()
             run_queries(server, ["SELECT 'after restart'", "SELECT 'after restart 2'"])
             spans = otlp_receiver.wait_for_spans(mine(server), 2)
         finally:
