@@ -109,6 +109,33 @@ def to_key_values(attrs: dict[str, object]) -> list[KeyValue]:
     return [KeyValue(key=k, value=any_value(v)) for k, v in attrs.items() if v is not None]
 
 
+_KV_CACHE: dict[tuple[str, type, object], KeyValue] = {}
+_KV_CACHE_MAX = 100_000
+
+
+def cached_key_values(attrs: dict[str, object]) -> list[KeyValue]:
+    """KeyValues for span attributes, reusing messages for pairs seen before.
+
+    Most span attributes repeat (system, database, query shape, ports): copying a
+    ready KeyValue into a span costs a third of building a new one."""
+    out = []
+    cache = _KV_CACHE
+    for k, v in attrs.items():
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple, dict)):
+            out.append(KeyValue(key=k, value=any_value(v)))
+            continue
+        key = (k, type(v), v)  # the type keeps True and 1 apart
+        kv = cache.get(key)
+        if kv is None:
+            if len(cache) >= _KV_CACHE_MAX:
+                cache.clear()
+            kv = cache[key] = KeyValue(key=k, value=any_value(v))
+        out.append(kv)
+    return out
+
+
 _rand = random.Random()
 
 
@@ -127,7 +154,7 @@ def trace_request(spans: Iterable[SpanData], resources: ResourceCache) -> Export
         groups.setdefault(s.resource_pid, []).append(Span(
             trace_id=trace_id, span_id=span_id, name=s.name, kind=s.kind,
             start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
-            attributes=to_key_values(s.attributes),
+            attributes=cached_key_values(s.attributes),
             status=Status(code=Status.STATUS_CODE_ERROR, message=s.status_message) if s.error else None,
         ))
     return ExportTraceServiceRequest(resource_spans=[
