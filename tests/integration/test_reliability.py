@@ -251,3 +251,47 @@ def test_runs_with_least_privilege(pg, otlp_receiver):
     # Without CAP_SYS_ADMIN the probes were made through tracefs: they must be gone too.
     with open("/sys/kernel/tracing/uprobe_events") as fh:
         assert f"_otel_ebpf_{agent.proc.pid}_" not in fh.read()
+
+
+def test_binary_replaced_by_a_new_file_is_attached_again(tmp_path, otlp_receiver):
+    """An upgrade replaces the binary (new inode): the rescan attaches the new file, and
+    processes still running the old one stay traced."""
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    from tests.integration.test_mysql import UsdtProgram
+    from tests.support.prereq import require_binary
+
+    gcc = require_binary("gcc")
+    path = str(tmp_path / "mysqld_usdt")
+    source = resources.files("otel_ebpf.usdt") / "mysql_usdt_test.c"
+    subprocess.run([gcc, "-O2", "-o", path, str(source)], check=True, capture_output=True)
+    config = tmp_path / "agent.yaml"
+    config.write_text("rescan_interval_s: 0.5\n")
+    agent = AgentProcess("--targets", "mysql", "--binary", f"mysql={path}", "--config", str(config),
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.grpc_endpoint})
+    old = new = None
+    try:
+        with agent:
+            old = UsdtProgram(path)
+            old.query("SELECT 'old binary' FROM a")
+            shutil.copy(path, path + ".new")
+            os.rename(path + ".new", path)  # what a package upgrade does: a new file, a new inode
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                units = [t for t in agent.health()[1]["targets"] if t["path"] == path and t["probes"]]
+                if len(units) >= 2:
+                    break
+                time.sleep(0.2)
+            assert len(units) >= 2, agent.health()[1]
+            new = UsdtProgram(path)
+            new.query("SELECT 'new binary' FROM b")
+            old.query("SELECT 'old binary again' FROM c")
+            pids = {old.pid, new.pid}
+            spans = otlp_receiver.wait_for_spans(lambda s: s.resource.get("process.pid") in pids, 3)
+    finally:
+        for p in (old, new):
+            if p is not None:
+                p.close()
+    assert sorted(s.name for s in spans) == ["SELECT a", "SELECT b", "SELECT c"]
