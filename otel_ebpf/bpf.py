@@ -233,6 +233,15 @@ def compile_program(name: str, c_file: str, cflags: list[str]) -> Program:
     return Program(name=name, bpf=b)
 
 
+def release_compiler_memory() -> None:
+    """Give back to the system what clang/LLVM freed after compiling (tens of MB per program):
+    glibc keeps freed heap otherwise, and the agent's RSS would stay at its start-up peak."""
+    try:
+        ct.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def bcc_version() -> str:
     if bcc is None:
         return ""

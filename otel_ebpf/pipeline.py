@@ -114,10 +114,12 @@ class Agent:
             log.warning("%s", message)
 
     def attach_new(self) -> None:
+        compiled = False
         for target, path, fid in self.discover():
             key = (target.name, fid)
             if key in self.units:
                 continue
+            compiled = True
             unit = Unit(target, path, fid)
             self.units[key] = unit
             try:
@@ -143,6 +145,8 @@ class Agent:
                     unit.program.close()
                     unit.program = None
                 unit.labels.clear()
+        if compiled:
+            bpf.release_compiler_memory()
 
     # --- running ----------------------------------------------------------------
 
