@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
-import os
-import platform
 import signal
 import sys
-import threading
 
 from . import __version__
 from .config import KNOWN_TARGETS, Config, ConfigError, load

@@ -8,12 +8,10 @@ Two ways in, both proven here:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import time
 from importlib import resources
-from pathlib import Path
 
 import pytest
 
@@ -21,10 +19,9 @@ from otel_ebpf.elf import elf_info
 from otel_ebpf.servers.mariadb import MariadbServer
 from tests.support import procmem
 from tests.support.agent import AgentProcess
+from tests.support.semconv import assert_registered
 from tests.support.prereq import require, require_binary
 
-_REGISTRY_PATH = Path(__file__).resolve().parents[3] / "shared/schemas/semconv-registry.json"
-REGISTRY = json.loads(_REGISTRY_PATH.read_text()) if _REGISTRY_PATH.exists() else None
 DISPATCH = "_Z16dispatch_command19enum_server_commandP3THDPcjb"
 METRIC = "db.server.operation.duration"
 CONNECTIONS = 4
@@ -93,18 +90,6 @@ def last_histograms(receiver, system: str) -> dict[tuple, object]:
         if attrs.get("db.system.name") == system:
             latest[tuple(sorted(attrs.items()))] = point
     return latest
-
-
-def assert_registered_types(spans) -> None:
-    if not REGISTRY:
-        return
-    registered = REGISTRY["attributes"]
-    for s in spans:
-        for key, value in {**s.attributes, **s.resource}.items():
-            assert key in registered, f"{key} is not a registered attribute"
-            py = {"string": str, "int": int, "boolean": bool, "double": float}.get(registered[key]["type"])
-            if py:
-                assert isinstance(value, py), f"{key}={value!r} should be {registered[key]['type']}"
 
 
 def run_workload(server: MariadbServer) -> list[str]:
@@ -207,7 +192,7 @@ def test_query_spans_and_kernel_histograms(mariadb, otlp_receiver):
     assert all(s.status_code == 0 for s in connect_spans + [use] + stock)
 
     assert "secret" not in otlp_receiver.all_exported_text(), "a literal left the agent"
-    assert_registered_types(spans)
+    assert_registered(spans)
 
     # The kernel's histograms count every query, exactly once (the final export follows the detach).
     hists = last_histograms(otlp_receiver, "mariadb")
@@ -404,7 +389,7 @@ def test_usdt_probes_of_a_dtrace_build(usdt_binary, otlp_receiver):
     assert "db.namespace" not in show.attributes
 
     assert "secret" not in otlp_receiver.all_exported_text()
-    assert_registered_types(spans)
+    assert_registered(spans)
     hists = last_histograms(otlp_receiver, "mysql")
     assert sum(p.count for p in hists.values()) == sent
     errors = sorted(dict(k).get("error.type", "") for k, p in hists.items() for _ in range(p.count))

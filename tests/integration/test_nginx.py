@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import collections
 import http.client
-import json
 import socket
 import ssl
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from otel_ebpf.servers.nginx import AccessLogEntry, NginxServer, SlowUpstream, demo_server
 from tests.support.agent import AgentProcess
+from tests.support.semconv import assert_registered
 from tests.support.prereq import require_binary
 
-SHARED = Path(__file__).resolve().parents[3] / "shared/schemas/semconv-registry.json"
-REGISTRY = json.loads(SHARED.read_text()) if SHARED.exists() else None
 SLOW_S = 0.2
 METRIC_KEYS = {"http.request.method", "url.scheme", "http.response.status_code", "network.protocol.version"}
 
@@ -214,18 +211,6 @@ def check_request_time(diffs: list[float]) -> None:
     assert len(close) >= len(diffs) - 1 and all(abs(d) <= 0.010 for d in diffs), diffs
 
 
-def check_registry(spans) -> None:
-    if not REGISTRY:
-        return
-    registered = REGISTRY["attributes"]
-    for s in spans:
-        for key, value in {**s.attributes, **s.resource}.items():
-            assert key in registered, f"{key} is not a registered attribute"
-            py = {"string": str, "int": int, "boolean": bool, "double": float}.get(registered[key]["type"])
-            if py:
-                assert isinstance(value, py), f"{key}={value!r} should be {registered[key]['type']}"
-
-
 def test_one_span_per_request(nginx, otlp_receiver):
     agent = AgentProcess("--targets", "nginx", env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.grpc_endpoint})
     agent.start()
@@ -263,7 +248,7 @@ def test_one_span_per_request(nginx, otlp_receiver):
     assert "url.query" not in by_path["/missing/a"].attributes
     assert len({by_path[f"/try/keepalive-a-{i}"].attributes["client.port"] for i in range(5)}) == 1
     assert "secret" not in otlp_receiver.all_exported_text()
-    check_registry(spans)
+    assert_registered(spans)
 
     # The kernel histogram counts every finished request once, whichever nginx on the host
     # served it: exactly ours when no other nginx served anything meanwhile.

@@ -12,17 +12,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from otel_ebpf.servers import free_port
 from otel_ebpf.servers.nginx import NginxServer
 from tests.support.agent import AgentProcess
+from tests.support.semconv import assert_registered
 from tests.support.prereq import require, require_binary
 
-_REGISTRY_PATH = Path(__file__).resolve().parents[3] / "shared/schemas/semconv-registry.json"
-REGISTRY = json.loads(_REGISTRY_PATH.read_text()) if _REGISTRY_PATH.exists() else None
 
 SECRET_AUTH = "s3cr3t-authz-5e1b"
 SECRET_COOKIE = "s3cr3t-cookie-77aa"
@@ -257,14 +255,7 @@ def test_https_client_and_server_spans(nginx, otlp_receiver):
     for secret in (SECRET_AUTH, SECRET_COOKIE, SECRET_BODY, SECRET_QUERY):
         assert secret not in exported, f"{secret} left the agent"
 
-    if REGISTRY:
-        registered = REGISTRY["attributes"]
-        for s in curl_spans + python_spans + server_spans:
-            for key, value in {**s.attributes, **s.resource}.items():
-                assert key in registered, f"{key} is not a registered attribute"
-                py = {"string": str, "int": int, "boolean": bool, "double": float}.get(registered[key]["type"])
-                if py:
-                    assert isinstance(value, py), f"{key}={value!r} should be {registered[key]['type']}"
+    assert_registered(curl_spans + python_spans + server_spans)
 
 
 def test_nginx_target_wins_over_libssl(nginx, otlp_receiver):

@@ -1,9 +1,7 @@
 """PostgreSQL end to end: real server, real kernel probes, real agent, real OTLP."""
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import psycopg2
 import pytest
@@ -12,9 +10,8 @@ from otel_ebpf.elf import elf_info
 from otel_ebpf.servers.postgres import PostgresServer
 from tests.support import procmem
 from tests.support.agent import AgentProcess
+from tests.support.semconv import assert_registered
 
-REGISTRY = json.loads((Path(__file__).resolve().parents[3] / "shared/schemas/semconv-registry.json").read_text()) \
-    if (Path(__file__).resolve().parents[3] / "shared/schemas/semconv-registry.json").exists() else None
 CONNECTIONS = 4
 QUERIES_PER_CONNECTION = 10
 
@@ -143,15 +140,7 @@ def test_query_spans_over_otlp(pg, otlp_receiver, protocol):
     exported = otlp_receiver.all_exported_text()
     assert "secret" not in exported, "a literal left the agent"
 
-    if REGISTRY:
-        registered = REGISTRY["attributes"]
-        for s in spans:
-            for key, value in {**s.attributes, **s.resource}.items():
-                assert key in registered, f"{key} is not a registered attribute"
-                expected = registered[key]["type"]
-                py = {"string": str, "int": int, "boolean": bool, "double": float}.get(expected)
-                if py:
-                    assert isinstance(value, py), f"{key}={value!r} should be {expected}"
+    assert_registered(spans)
 
 
 def test_health_503_until_attached_and_rollback_is_not_an_error(pg, otlp_receiver):
