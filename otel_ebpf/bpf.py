@@ -161,6 +161,10 @@ class Program:
     def table_items(self, map_name: str) -> list[tuple[object, object]]:
         return list(self.bpf[map_name].items())  # type: ignore[index]
 
+    def set_array_value(self, map_name: str, index: int, value: int) -> None:
+        table = self.bpf[map_name]  # type: ignore[index]
+        table[table.Key(index)] = table.Leaf(value)
+
     def table_delete(self, map_name: str, keys: list[object]) -> int:
         table = self.bpf[map_name]  # type: ignore[index]
         deleted = 0

@@ -26,6 +26,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="plaintext bytes copied per SSL_read/SSL_write (power of two, 64-16384)")
     p.add_argument("--slow-threshold-ms", dest="slow_threshold_ms", type=float)
     p.add_argument("--sample-ratio", dest="sample_ratio", type=float)
+    p.add_argument("--max-spans-per-second", dest="max_spans_per_second", type=int,
+                   help="above this rate, sample down (metrics stay exact; 0 = no limit; default 5000)")
     p.add_argument("--capture-raw-query", dest="capture_raw_query", action="store_const", const=True,
                    help="export query text WITH its literals (may expose secrets)")
     p.add_argument("--log-level", dest="log_level")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Config:
     cli = {k: getattr(args, k, None) for k in (
         "targets", "output", "health_addr", "prometheus_addr", "query_max_bytes", "tls_capture_bytes",
-        "slow_threshold_ms", "sample_ratio", "capture_raw_query", "log_level")}
+        "slow_threshold_ms", "sample_ratio", "max_spans_per_second", "capture_raw_query", "log_level")}
     binaries: dict[str, list[str]] = {}
     for item in getattr(args, "binary", None) or []:
         target, sep, path = item.partition("=")

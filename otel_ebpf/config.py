@@ -30,6 +30,10 @@ class Config:
     tls_capture_bytes: int = 4096  # plaintext copied per SSL_read/SSL_write call (power of two)
     slow_threshold_ms: float = 500.0  # slower operations are always kept and logged
     sample_ratio: float = 1.0  # fraction of (fast, successful) operations sent as spans
+    # Above this many operations per second the agent lowers the sampling ratio so that
+    # about this many spans/s leave (slow and failed ones always do; metrics stay exact).
+    # 0 = no limit.
+    max_spans_per_second: int = 5000
     capture_raw_query: bool = False  # opt-in: export query text with its literals
     ringbuf_pages: int = 512
     queue_size: int = 65536  # spans waiting for export; more are dropped and counted
@@ -105,6 +109,8 @@ def _validate(cfg: Config) -> Config:
         raise bad("tls_capture_bytes", "must be a power of two from 64 to 16384")
     if not 0.0 <= cfg.sample_ratio <= 1.0:
         raise bad("sample_ratio", "must be between 0 and 1")
+    if cfg.max_spans_per_second < 0:
+        raise bad("max_spans_per_second", "must be >= 0 (0 = no limit)")
     if cfg.slow_threshold_ms < 0:
         raise bad("slow_threshold_ms", "must be >= 0")
     p = cfg.ringbuf_pages

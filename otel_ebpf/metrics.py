@@ -41,6 +41,7 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "otel_ebpf.spans.dropped": ("{span}", "Spans dropped (queue full, export failed)"),
     "otel_ebpf.probes.attached": ("{probe}", "Probe points attached"),
     "otel_ebpf.probes.failed": ("{probe}", "Probe points that could not be attached"),
+    "otel_ebpf.sampling.ratio": ("1", "Span sampling ratio in force (lowered above the span rate limit)"),
     "otel_ebpf.ringbuf.usage": ("1", "Fraction of the ring buffer in use at the last read"),
 }
 

@@ -79,6 +79,8 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._last_scan = 0.0
         self.counts = collections.Counter[str]()  # spans.exported, spans.dropped.<reason>, ...
+        self.sampling_permille = round(config.sample_ratio * 1000)  # in force, after rate limiting
+        self._ops_seen = (0, time.monotonic())
 
     # --- discovery and attach ------------------------------------------------
 
@@ -130,6 +132,8 @@ class Agent:
                           f"-DSLOW_NS={int(self.config.slow_threshold_ms * 1_000_000)}ULL"]
                 program = bpf.compile_program(f"{target.name}:{path}", target.c_file, cflags)
                 unit.program = program
+                if target.kernel_histograms:
+                    program.set_array_value("sampling", 0, self.sampling_permille + 1)
                 for spec in plan.attach:
                     program.attach_uprobe(spec.fn_name, path, spec.offset, retprobe=spec.retprobe,
                                           ref_ctr_offset=spec.ref_ctr_offset, label=spec.label)
@@ -206,7 +210,7 @@ class Agent:
     def _account(self, spans: list[SpanData]) -> None:
         """Metrics for every operation, then sampling, then the export queue."""
         slow = self.config.slow_threshold_s
-        ratio = self.config.sample_ratio
+        ratio = self.sampling_permille / 1000
         # Read each process's Resource now, while it runs: a short-lived client may be gone
         # by the time its batch is exported.
         for pid in {s.resource_pid for s in spans}:
@@ -336,7 +340,9 @@ class Agent:
                                ("otel_ebpf.operations", STAT_OPERATIONS)):
                 totals[(key, name)] += unit.stats[index]
         self._read_kernel_histograms()
+        self._limit_span_rate(sum(v for (k, _), v in totals.items() if k == "otel_ebpf.operations"))
         m = self.metrics
+        m.set_gauge("otel_ebpf.sampling.ratio", {}, self.sampling_permille / 1000)
         for (key, name), value in totals.items():
             m.set_counter(key, {"target": name}, value)
         m.set_counter("otel_ebpf.starts.expired", {}, self.counts["starts.expired"])
@@ -350,6 +356,35 @@ class Agent:
         m.set_counter("otel_ebpf.spans.exported", {}, self.counts["spans.exported"])
         for reason in ("queue_full", "export_failed", "decode_error"):
             m.set_counter("otel_ebpf.spans.dropped", {"reason": reason}, self.counts[f"spans.dropped.{reason}"])
+
+    def _limit_span_rate(self, operations: int) -> None:
+        """Lower the kernel's sampling ratio while operations exceed max_spans_per_second.
+
+        The watched server pays the probes either way; what the limit bounds is the agent's
+        own CPU (decoding and exporting spans), which on a busy host competes with the
+        server. Slow and failed operations are always kept and the histograms stay exact."""
+        previous, since = self._ops_seen
+        now = time.monotonic()
+        if now - since < 0.5:
+            return
+        self._ops_seen = (operations, now)
+        base = round(self.config.sample_ratio * 1000)
+        limit = self.config.max_spans_per_second
+        rate = max(operations - previous, 0) / (now - since)
+        permille = base
+        if limit and rate * base / 1000 > limit:
+            permille = max(1, min(base, int(1000 * limit / rate)))
+        if permille == self.sampling_permille:
+            return
+        if permille < base or self.sampling_permille < base:
+            log.info("span rate limit: %.0f operations/s, sampling %.1f %%", rate, permille / 10)
+        self.sampling_permille = permille
+        for unit in list(self.units.values()):
+            if unit.program is not None and unit.target.kernel_histograms:
+                try:
+                    unit.program.set_array_value("sampling", 0, permille + 1)
+                except Exception:  # noqa: BLE001 - racing shutdown
+                    log.debug("setting sampling of %s failed", unit.path, exc_info=True)
 
     def _read_kernel_histograms(self) -> None:
         """Cumulative duration histograms from every program's `hist` maps, summed per target."""
@@ -454,7 +489,8 @@ class Agent:
             "starts_expired": self.counts["starts.expired"],
             "spans_exported": self.counts["spans.exported"],
             "spans_dropped": sum(v for k, v in self.counts.items() if k.startswith("spans.dropped.")),
-            "spans_sampled_out": self.counts["spans.sampled_out"],
+            "spans_sampled_out": self.counts["spans.sampled_out"] + sum(u.stats[STAT_SAMPLED_OUT] for u in units),
+            "sampling_ratio": self.sampling_permille / 1000,
             "queue_length": len(self._queue),
         }
 

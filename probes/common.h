@@ -9,6 +9,7 @@
  *   BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);            counters, indexes below
  *   BPF_HASH(hist, struct hist_key, u64, HIST_MAX);    duration histogram counts
  *   BPF_HASH(hist_sum, u64, u64, HIST_MAX);            duration sums (ns) per dim
+ *   BPF_ARRAY(sampling, u32, 1);                        the agent's current ratio + 1 (0: unset)
  *
  * `dim` is a target-defined low-cardinality key (e.g. operation and status),
  * decoded back into metric attributes by the target's Python unit.
@@ -75,12 +76,14 @@ static __always_inline u32 duration_bucket(u64 ns)
     return 14;
 }
 
-/* Whether a finished operation goes to the ring buffer as a span. */
-static __always_inline int sample_keep(u64 duration_ns, int failed)
+/* Whether a finished operation goes to the ring buffer as a span. `permille` is
+ * the current ratio: SAMPLE_PERMILLE, or lower while the agent sheds load above its
+ * span rate limit (the `sampling` array, see SAMPLING_DEFINITIONS in the C files). */
+static __always_inline int sample_keep(u64 duration_ns, int failed, u32 permille)
 {
-    if (SAMPLE_PERMILLE >= 1000 || failed || duration_ns >= SLOW_NS)
+    if (permille >= 1000 || failed || duration_ns >= SLOW_NS)
         return 1;
-    return bpf_get_prandom_u32() % 1000 < SAMPLE_PERMILLE;
+    return bpf_get_prandom_u32() % 1000 < permille;
 }
 
 /* SQL statement kind from the first keyword, for low-cardinality metric keys.

@@ -103,6 +103,16 @@ BPF_TABLE("lru_hash", u64, struct db_name, thd_db, INFLIGHT_MAX);
 BPF_PERCPU_ARRAY(scratch, struct mysql_event, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+BPF_ARRAY(sampling, u32, 1);
+
+/* The sampling ratio in force (per mille): the agent lowers it above its span rate
+ * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
+static __always_inline u32 sampling_permille(void)
+{
+    int zero = 0;
+    u32 *value = sampling.lookup(&zero);
+    return value && *value ? *value - 1 : SAMPLE_PERMILLE;
+}
 BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
 BPF_HASH(hist_sum, u64, u64, HIST_MAX);
 
@@ -174,7 +184,7 @@ static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int fa
     u64 duration = ev->end_ns - ev->start_ns;
     hist_record(hist_dim(ev, failed), duration);
     stat_inc(STAT_OPERATIONS);
-    if (sample_keep(duration, failed)) {
+    if (sample_keep(duration, failed, sampling_permille())) {
         u32 copied = ev->copied;
         u32 size = offsetof(struct mysql_event, query) + (copied & (QUERY_MAX - 1));
         if (copied >= QUERY_MAX)

@@ -138,6 +138,16 @@ BPF_TABLE("lru_hash", struct req_key, u64, inflight, INFLIGHT_MAX);
 BPF_PERCPU_ARRAY(scratch, struct scratch_space, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+BPF_ARRAY(sampling, u32, 1);
+
+/* The sampling ratio in force (per mille): the agent lowers it above its span rate
+ * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
+static __always_inline u32 sampling_permille(void)
+{
+    int zero = 0;
+    u32 *value = sampling.lookup(&zero);
+    return value && *value ? *value - 1 : SAMPLE_PERMILLE;
+}
 BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
 BPF_HASH(hist_sum, u64, u64, HIST_MAX);
 
@@ -353,7 +363,7 @@ int on_request_end(struct pt_regs *ctx)
 
     record_duration(hist_dim(ev), duration);
     stat_inc(STAT_OPERATIONS);
-    if (!sample_keep(duration, ev->status >= 500)) {
+    if (!sample_keep(duration, ev->status >= 500, sampling_permille())) {
         stat_inc(STAT_SAMPLED_OUT);
         return 0;
     }

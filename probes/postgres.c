@@ -51,6 +51,16 @@ BPF_TABLE("lru_hash", u32, struct inflight, inflight, INFLIGHT_MAX);
 BPF_PERCPU_ARRAY(scratch, struct pg_event, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+BPF_ARRAY(sampling, u32, 1);
+
+/* The sampling ratio in force (per mille): the agent lowers it above its span rate
+ * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
+static __always_inline u32 sampling_permille(void)
+{
+    int zero = 0;
+    u32 *value = sampling.lookup(&zero);
+    return value && *value ? *value - 1 : SAMPLE_PERMILLE;
+}
 BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
 BPF_HASH(hist_sum, u64, u64, HIST_MAX);
 
@@ -124,7 +134,7 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
     int keep = 1;
     if (kind == KIND_DONE && !entry->aborted) {
         hist_record(entry->operation, 0, 0, duration);
-        keep = sample_keep(duration, 0);
+        keep = sample_keep(duration, 0, sampling_permille());
     } else if (kind == KIND_DONE) {
         hist_record(entry->operation, 0, 0, duration); /* a ROLLBACK: its abort was no error */
     } else if (kind == KIND_ABORT) {

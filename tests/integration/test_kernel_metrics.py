@@ -102,3 +102,25 @@ def test_full_ring_buffer_loses_spans_but_not_counts(pg, otlp_receiver, tmp_path
     assert len(spans) + status["events_lost"] == queries, "every record is either delivered or counted lost"
     assert counter(otlp_receiver, "otel_ebpf.events.lost") == status["events_lost"]
     assert histogram_counts(otlp_receiver) == {("SELECT", None): queries}
+
+
+def test_span_rate_limit_sheds_load_but_counts_everything(pg, otlp_receiver):
+    """Above --max-spans-per-second the kernel samples down; slow and failed operations are
+    still all kept and the histograms still count every query."""
+    fast = 6000
+    agent = AgentProcess("--targets", "postgres", "--max-spans-per-second", "300", "--slow-threshold-ms", "150",
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.grpc_endpoint})
+    with agent:
+        send(pg, fast, 0, 0)  # a few seconds at thousands of queries per second
+        lowered = agent.health()[1]["sampling_ratio"]
+        send(pg, 0, 2, 3)
+        time.sleep(1.5)
+        status = agent.health()[1]
+    spans = [s for s in otlp_receiver.spans() if s.resource.get("process.pid") == pg.pid]
+    failed = [s for s in spans if s.status_code == 2]
+    slow_spans = [s for s in spans if s.duration_s >= 0.2]
+    assert lowered < 1.0, "the agent should have lowered the sampling ratio"
+    assert len(failed) == 3 and len(slow_spans) == 2
+    assert len(spans) < fast / 2
+    assert histogram_counts(otlp_receiver) == {("SELECT", None): fast + 2, ("SELECT", "42P01"): 3}
+    assert status["events_lost"] == 0

@@ -17,7 +17,9 @@ from otel_ebpf.servers import free_port
 class AgentProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.health_port = free_port()
-        self.args = ["run", "--health-addr", f"127.0.0.1:{self.health_port}", *args]
+        # Tests count spans exactly: no span rate limit unless a test asks for one.
+        limit = [] if "--max-spans-per-second" in args else ["--max-spans-per-second", "0"]
+        self.args = ["run", "--health-addr", f"127.0.0.1:{self.health_port}", *limit, *args]
         base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         self.env = {**base, "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "1000",
                     **(env or {})}
