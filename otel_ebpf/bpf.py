@@ -158,6 +158,10 @@ class Program:
             out.append(sum(int(v) for v in values))
         return out
 
+    def percpu_value(self, map_name: str, index: int) -> int:
+        table = self.bpf[map_name]  # type: ignore[index]
+        return sum(int(v) for v in table.getvalue(table.Key(index)))
+
     def table_items(self, map_name: str) -> list[tuple[object, object]]:
         return list(self.bpf[map_name].items())  # type: ignore[index]
 

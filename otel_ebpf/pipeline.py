@@ -27,6 +27,7 @@ from .targets.base import (
 
 log = logging.getLogger(__name__)
 EXPIRY_INTERVAL_S = 5.0  # how often in-flight starts of vanished threads are dropped
+RATE_WINDOW_S = 0.25  # the span rate limit looks at the operation rate this often
 
 
 def mono_to_epoch_offset() -> int:
@@ -179,6 +180,7 @@ class Agent:
         try:
             while not self.stop_event.is_set():
                 self.poll_once()
+                self.check_span_rate()
                 if time.monotonic() - self._last_scan > self.config.rescan_interval_s:
                     self._last_scan = time.monotonic()
                     self.attach_new()
@@ -340,7 +342,6 @@ class Agent:
                                ("otel_ebpf.operations", STAT_OPERATIONS)):
                 totals[(key, name)] += unit.stats[index]
         self._read_kernel_histograms()
-        self._limit_span_rate(sum(v for (k, _), v in totals.items() if k == "otel_ebpf.operations"))
         m = self.metrics
         m.set_gauge("otel_ebpf.sampling.ratio", {}, self.sampling_permille / 1000)
         for (key, name), value in totals.items():
@@ -357,6 +358,19 @@ class Agent:
         for reason in ("queue_full", "export_failed", "decode_error"):
             m.set_counter("otel_ebpf.spans.dropped", {"reason": reason}, self.counts[f"spans.dropped.{reason}"])
 
+    def check_span_rate(self) -> None:
+        """Called from the drain loop a few times a second: the limit reacts to a burst quickly."""
+        if not self.config.max_spans_per_second:
+            return
+        operations = 0
+        for unit in list(self.units.values()):
+            if unit.program is not None and unit.target.kernel_histograms:
+                try:
+                    operations += unit.program.percpu_value("stats", STAT_OPERATIONS)
+                except Exception:  # noqa: BLE001 - racing shutdown
+                    pass
+        self._limit_span_rate(operations)
+
     def _limit_span_rate(self, operations: int) -> None:
         """Lower the kernel's sampling ratio while operations exceed max_spans_per_second.
 
@@ -365,7 +379,7 @@ class Agent:
         server. Slow and failed operations are always kept and the histograms stay exact."""
         previous, since = self._ops_seen
         now = time.monotonic()
-        if now - since < 0.5:
+        if now - since < RATE_WINDOW_S:
             return
         self._ops_seen = (operations, now)
         base = round(self.config.sample_ratio * 1000)
@@ -376,8 +390,9 @@ class Agent:
             permille = max(1, min(base, int(1000 * limit / rate)))
         if permille == self.sampling_permille:
             return
-        if permille < base or self.sampling_permille < base:
-            log.info("span rate limit: %.0f operations/s, sampling %.1f %%", rate, permille / 10)
+        crossing = (permille < base) != (self.sampling_permille < base)
+        log.log(logging.INFO if crossing else logging.DEBUG,
+                "span rate limit %d/s: %.0f operations/s, sampling %.1f %%", limit, rate, permille / 10)
         self.sampling_permille = permille
         for unit in list(self.units.values()):
             if unit.program is not None and unit.target.kernel_histograms:

@@ -85,8 +85,15 @@ class MariadbServer:
                 raise ServerError(f"mariadbd wrote no pid file in {timeout:.0f} s: {self.log_tail()}")
             time.sleep(0.05)
         wait_for_port(self.port, timeout=max(1.0, deadline - time.monotonic()))
-        with open(self.pid_file) as fh:
-            self.pid = int(fh.read().strip())
+        while True:  # the file exists a moment before its pid is written
+            with open(self.pid_file) as fh:
+                text = fh.read().strip()
+            if text.isdigit():
+                self.pid = int(text)
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"mariadbd's pid file {self.pid_file} stayed empty")
+            time.sleep(0.05)
 
     def log_tail(self) -> str:
         try:
