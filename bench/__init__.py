@@ -1,0 +1,1 @@
+"""otel-ebpf benchmarks: `make bench` (bench/run.py)."""

@@ -1,0 +1,242 @@
+"""Benchmark 1: nginx saturation requests/s with no probes, bpftrace on the agent's probe
+points (the floor any eBPF tool pays for them), and the agent.
+
+The probe points come from the agent itself: `NginxTarget().plan(path, config).attach`
+(file offsets and labels), mapped back to symbol names through `elf_info(path)` for
+bpftrace, whose actions only count hits (the minimum that still shows it attached).
+The agent runs as `otel-ebpf run --targets nginx`, exporting OTLP/gRPC to a receiver
+in this process, sampling off, three ways (common.AGENT_VARIANTS): as shipped (with its
+default span rate limit), every request a span (`--max-spans-per-second 0`), and spans
+off (only the kernel side).
+
+nginx runs one worker, wrk one thread (-t1 -c32, keep-alive, a 3-byte static file),
+unpinned: on two cores they, the agent and everything else share both (pinning with
+taskset gave slower and no steadier runs here). The cases are interleaved, their order
+rotated each repeat.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+from .common import (
+    AGENT_VARIANTS, Agent, BenchError, Bpftrace, Check, CountingReceiver, MachineWatch, QuietWait, Table,
+    agent_cases, agent_variant_note, cpu_seconds, fmt_rate, fmt_ratio, foreign_tracers, median, noise_note,
+    require_tool, run, spread,
+)
+
+WORKERS = 1
+URL_PATH = "/static/ok.txt"
+UNAVAILABLE = "nginx: target not available in this build"
+
+
+def cases() -> tuple[str, ...]:
+    return ("no probes", "bpftrace", *agent_cases())
+
+
+def load_nginx():
+    """(NginxTarget, NginxServer) classes, or None when this build has no nginx target."""
+    try:
+        from otel_ebpf.servers.nginx import NginxServer
+        from otel_ebpf.targets.nginx import NginxTarget
+    except ImportError:
+        return None
+    return NginxTarget, NginxServer
+
+
+def probe_points(target_cls, path: str) -> list[tuple[str, str, str]]:
+    """(bpftrace probe type, symbol, agent label) for every probe point the agent attaches."""
+    from otel_ebpf.config import Config
+    from otel_ebpf.elf import elf_info
+
+    plan = target_cls().plan(path, Config(targets=("nginx",)))
+    info = elf_info(path)
+    by_offset: dict[int, list[str]] = {}
+    for sym in info.symbols_matching(r"[A-Za-z_][\w.@]*"):
+        if sym.file_offset >= 0:
+            by_offset.setdefault(sym.file_offset, []).append(sym.name)
+    points = []
+    for spec in plan.attach:
+        names = by_offset.get(spec.offset)
+        if not names:
+            raise BenchError(f"no symbol at file offset {spec.offset:#x} of {path} ({spec.label})")
+        # Aliases at one offset: prefer the one the label names.
+        name = next((n for n in names if n in spec.label), names[0])
+        points.append(("uretprobe" if spec.retprobe else "uprobe", name, spec.label))
+    return points
+
+
+def bpftrace_script(path: str, points: list[tuple[str, str, str]]) -> str:
+    return "".join(f"{kind}:{path}:{sym} {{ @p{i} = count(); }}\n" for i, (kind, sym, _) in enumerate(points))
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    errors: str
+
+
+def wrk(url: str, duration: float, connections: int = 32) -> WrkResult:
+    r = run([require_tool("wrk"), "-t1", f"-c{connections}", f"-d{int(duration)}s", url], timeout=duration + 60)
+    m_rps = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
+    m_n = re.search(r"(\d+) requests in", r.stdout)
+    if r.returncode != 0 or not (m_rps and m_n):
+        raise BenchError(f"wrk failed ({r.returncode}): {(r.stdout + r.stderr)[-500:]}")
+    errors = "; ".join(line.strip() for line in r.stdout.splitlines()
+                       if line.strip().startswith(("Non-2xx", "Socket errors")))
+    return WrkResult(float(m_rps.group(1)), int(m_n.group(1)), errors)
+
+
+@dataclass
+class CaseRuns:
+    name: str
+    rps: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # nginx worker CPU per request
+    tool_cores: list[float] = field(default_factory=list)
+    company: list[bool] = field(default_factory=list)  # another eBPF tool on this target ran then
+    company_cmds: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+
+def truncate_log(server) -> None:
+    # The access log grows by ~25k lines/s; nginx appends (O_APPEND), so truncating is safe.
+    try:
+        os.truncate(server.access_log, 0)
+    except OSError:
+        pass
+
+
+def run_case(case: str, server, path: str, points, duration: float, receiver: CountingReceiver,
+             runs: CaseRuns, log=print) -> None:
+    bt = agent = None
+    tool_pid = None
+    try:
+        others = QuietWait.wait(log, "nginx")
+        if case == "bpftrace":
+            bt = Bpftrace(bpftrace_script(path, points), label="nginx").start()
+            tool_pid = bt.proc.pid
+        elif case.startswith("agent"):
+            args, env = AGENT_VARIANTS[case]
+            agent = Agent("--targets", "nginx", *args, receiver=receiver, label="nginx-agent", env=env).start()
+            tool_pid = agent.pid
+            before = agent.health()[1]
+        truncate_log(server)
+        workers = sorted(server.worker_pids())
+        watch = MachineWatch((server.master_pid,)).start()
+        cpu0 = sum(cpu_seconds(p) for p in workers)
+        tool0 = cpu_seconds(tool_pid) if tool_pid else 0.0
+        bench0 = cpu_seconds(os.getpid())
+        t0 = time.monotonic()
+        result = wrk(server.url(URL_PATH), duration)
+        wall = time.monotonic() - t0
+        worker_cpu = sum(cpu_seconds(p) for p in workers) - cpu0
+        tool_cores = (cpu_seconds(tool_pid) - tool0) / wall if tool_pid else 0.0
+        bench_cores = (cpu_seconds(os.getpid()) - bench0) / wall
+        other, tracers = watch.stop()
+        others += foreign_tracers("nginx")
+        runs.rps.append(result.rps)
+        runs.company.append(bool(others))
+        runs.company_cmds.update(others)
+        runs.cpu_us.append(worker_cpu / max(result.requests, 1) * 1e6)
+        runs.tool_cores.append(tool_cores)
+        if result.errors:
+            runs.notes.append(f"wrk: {result.errors}")
+        if note := noise_note(other, tracers):
+            runs.notes.append(note)
+        if bt is not None:
+            out = bt.stop()
+            counts = [Bpftrace.scalar(out, f"p{i}") for i in range(len(points))]
+            runs.notes.append(f"bpftrace hits per probe {counts} for {result.requests:,} requests (wrk)")
+        if agent is not None:
+            status = agent.wait_drained()
+            seen = status["events_seen"] - before["events_seen"]
+            lost = status["events_lost"] - before["events_lost"]
+            sampled = status.get("spans_sampled_out", 0) - before.get("spans_sampled_out", 0)
+            dropped = status["spans_dropped"] - before["spans_dropped"]
+            runs.notes.append(f"{seen:,} spans from the kernel for {result.requests:,} requests, {sampled:,} sampled "
+                              f"out, {lost:,} lost in the ring buffer, {dropped:,} dropped; the OTLP receiver (in the "
+                              f"bench process) used {bench_cores:.2f} cores")
+    except BenchError as exc:
+        runs.notes.append(f"run failed: {exc}")
+    finally:
+        if bt is not None:
+            bt.stop()
+        if agent is not None:
+            agent.stop()
+
+
+def unavailable_table(why: str) -> Table:
+    t = Table("nginx: wrk saturation requests/s", ["case", "result"])
+    t.rows.append([UNAVAILABLE, why])
+    t.checks.append(Check("nginx ratio with the agent", UNAVAILABLE, "≥ bpftrace floor ratio − 0.01", None))
+    return t
+
+
+def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[Table]:
+    classes = load_nginx()
+    if classes is None:
+        return [unavailable_table("otel_ebpf.targets.nginx or otel_ebpf.servers.nginx is missing")]
+    target_cls, server_cls = classes
+    server = server_cls(workers=WORKERS)
+    path = os.path.realpath(server.nginx)
+    try:
+        points = probe_points(target_cls, path)
+    except Exception as exc:  # noqa: BLE001 - the target under construction may refuse this build
+        return [unavailable_table(f"NginxTarget.plan({path}) failed: {exc}")]
+    table = Table(
+        f"nginx: wrk -t1 -c32 -d{duration:g}s {URL_PATH} ({WORKERS} worker), {repeats} interleaved repeats",
+        ["case", "req/s per run", "median req/s", "spread", "ratio to no probes", "worker CPU µs/req",
+         "tool CPU (cores)"])
+    table.notes.append("probe points (from NginxTarget.plan): " +
+                       ", ".join(f"{kind} {sym}" for kind, sym, _ in points))
+    receiver = CountingReceiver().start()
+    try:
+        log(f"nginx: starting nginx ({WORKERS} worker); probes: {[p[1] for p in points]}")
+        server.start()
+        wrk(server.url(URL_PATH), 2)  # warm-up
+        CASES = cases()
+        runs = {c: CaseRuns(c) for c in CASES}
+        for r in range(repeats):
+            order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
+            for case in order:
+                run_case(case, server, path, points, duration, receiver, runs[case], log)
+                log(f"nginx: repeat {r + 1}/{repeats} {case}: "
+                    f"{fmt_rate(runs[case].rps[-1]) if runs[case].rps else 'failed'} req/s")
+        base = median(runs["no probes"].rps)
+        ratios = {}
+        for case in CASES:
+            cr = runs[case]
+            ratios[case] = median(cr.rps) / base if cr.rps and base else float("nan")
+            per_run = " / ".join(fmt_rate(x) + ("*" if c else "") for x, c in zip(cr.rps, cr.company))
+            table.rows.append([case, per_run, fmt_rate(median(cr.rps)),
+                               spread(cr.rps), fmt_ratio(ratios[case]),
+                               f"{median(cr.cpu_us):.1f}" if cr.cpu_us else "-",
+                               f"{median(cr.tool_cores):.2f}" if cr.tool_cores else "-"])
+        cpu_base = median(runs["no probes"].cpu_us)
+        for case in CASES[1:]:
+            if runs[case].cpu_us and cpu_base:
+                table.notes.append(f"{case}: worker CPU per request {median(runs[case].cpu_us) / cpu_base:.3f}× "
+                                   "the no-probe run's")
+        company = sorted(set().union(*(runs[c].company_cmds for c in CASES)))
+        if company:
+            table.notes.append(f"* another eBPF tool that may probe nginx was running at the start or the end of "
+                               f"that run (a shared machine): {'; '.join(c[:90] for c in company[:3])}"
+                               + (f" and {len(company) - 3} more" if len(company) > 3 else ""))
+        for case in CASES:
+            for note in dict.fromkeys(runs[case].notes):
+                table.notes.append(f"{case}: {note}")
+        table.notes.insert(1, agent_variant_note())
+        b = ratios["bpftrace"]
+        for case, label in (("agent (defaults)", "nginx ratio with the agent (defaults)"),
+                            ("agent, every span", "nginx ratio with the agent, every request a span")):
+            if case in ratios:
+                a = ratios[case]
+                table.checks.append(Check(label, f"{fmt_ratio(a)} (bpftrace {fmt_ratio(b)})",
+                                          "≥ bpftrace floor ratio − 0.01", None if a != a or b != b else a >= b - 0.01))
+    finally:
+        receiver.stop()
+        server.stop()
+    return [table]
