@@ -354,3 +354,15 @@ def test_cache_returns_same_object() -> None:
     q = "SELECT * FROM cached_table WHERE id = 1"
     assert analyze(q) is analyze(q)
     assert analyze(q, "mysql") == analyze(q, "mariadb")
+
+
+def test_literal_free_cache_key_agrees_with_the_tokenizer() -> None:
+    """Plain queries are cached by their text with literals replaced: the result must be
+    what the tokenizer gives for the query itself."""
+    rnd = random.Random(7)
+    words = ["SELECT", "a", "b1", "FROM", "t", "WHERE", "=", "<>", "IN", "(", ")", ",", "AND", "1", "2.5",
+             "'x'", "'secret value'", "42", "1e3", "t.c", "LIMIT", "ORDER BY", "x_2", "0x1F", "TRUE", "NULL"]
+    for _ in range(3000):
+        text = " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 14)))
+        for dialect in DIALECTS:
+            assert analyze(text.encode(), dialect) == sql._analyze(text, dialect, 4096), text
