@@ -62,18 +62,17 @@ class MetricStore:
     _hists: dict[str, dict[Attrs, _Hist]] = field(default_factory=dict)
     _counters: dict[str, dict[Attrs, float]] = field(default_factory=dict)
     _gauges: dict[str, dict[Attrs, float]] = field(default_factory=dict)
-    _exemplars: dict[str, dict[Attrs, Exemplar]] = field(default_factory=dict)
+    _exemplars: dict[str, dict[Attrs, tuple[int, float, bytes, bytes]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set_exemplar(self, name: str, attrs: dict[str, object], seconds: float, time_ns: int,
                      trace_id: bytes, span_id: bytes) -> None:
         """Link a histogram series to a kept span (the latest one wins)."""
         key = tuple(sorted((k, v) for k, v in attrs.items() if v is not None))
-        with self._lock:
-            table = self._exemplars.setdefault(name, {})
-            if key in table or len(table) < self.max_series:
-                table[key] = Exemplar(time_unix_nano=time_ns, as_double=seconds, trace_id=trace_id,
-                                      span_id=span_id)
+        table = self._exemplars.setdefault(name, {})
+        if key in table or len(table) < self.max_series:
+            # a plain tuple per span; the protobuf message is built at export only
+            table[key] = (time_ns, seconds, trace_id, span_id)
 
     def _key(self, table: dict, attrs: dict[str, object]) -> Attrs:
         key = tuple(sorted((k, v) for k, v in attrs.items() if v is not None))
@@ -140,7 +139,8 @@ class MetricStore:
                         attributes=to_key_values(dict(k)), start_time_unix_nano=self.start_ns,
                         time_unix_nano=now, count=h.count, sum=h.sum, bucket_counts=h.counts,
                         explicit_bounds=self.buckets,
-                        exemplars=[exemplars[k]] if k in exemplars else None) for k, h in table.items()])))
+                        exemplars=[_exemplar(exemplars[k])] if k in exemplars else None)
+                        for k, h in table.items()])))
             for name, table in self._counters.items():
                 unit, desc = METRIC_INFO.get(name, ("", ""))
                 metrics.append(Metric(name=name, unit=unit, description=desc, sum=Sum(
@@ -180,6 +180,11 @@ class MetricStore:
                 out.append(f"# TYPE {base} gauge")
                 out += [f"{base}{_labels(dict(k))} {_fmt(v)}" for k, v in table.items()]
         return "\n".join(out) + "\n"
+
+
+def _exemplar(e: tuple[int, float, bytes, bytes]) -> Exemplar:
+    time_ns, seconds, trace_id, span_id = e
+    return Exemplar(time_unix_nano=time_ns, as_double=seconds, trace_id=trace_id, span_id=span_id)
 
 
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
