@@ -109,7 +109,7 @@ def to_key_values(attrs: dict[str, object]) -> list[KeyValue]:
 
 
 _KV_CACHE: dict[tuple[str, type, object], KeyValue] = {}
-_KV_CACHE_MAX = 100_000
+_KV_CACHE_MAX = 16_384  # bounded: ports and query shapes are many; ~5 MB at most
 
 
 def cached_key_values(attrs: dict[str, object]) -> list[KeyValue]:
