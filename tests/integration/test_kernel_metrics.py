@@ -115,8 +115,8 @@ def test_span_rate_limit_sheds_load_but_counts_everything(pg, otlp_receiver):
             send(pg, 2000, 0, 0)
             fast += 2000
             lowered = agent.health()[1]["sampling_ratio"]
-        send(pg, 2000, 0, 0)  # and some more while the ratio is lowered
-        fast += 2000
+        send(pg, 10000, 0, 0)  # and many more while the ratio is lowered
+        fast += 10000
         send(pg, 0, 2, 3)
         time.sleep(1.5)
         status = agent.health()[1]

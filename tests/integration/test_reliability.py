@@ -280,7 +280,8 @@ def test_binary_replaced_by_a_new_file_is_attached_again(tmp_path, otlp_receiver
             os.rename(path + ".new", path)  # what a package upgrade does: a new file, a new inode
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
-                units = [t for t in agent.health()[1]["targets"] if t["path"] == path and t["probes"]]
+                # both files fully attached (probes are listed as they attach, one by one)
+                units = [t for t in agent.health()[1]["targets"] if t["path"] == path and len(t["probes"]) == 3]
                 if len(units) >= 2:
                     break
                 time.sleep(0.2)
