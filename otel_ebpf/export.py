@@ -192,13 +192,15 @@ class ConsoleSink:
         system = a.get(DB.DB_SYSTEM_NAME) or a.get("url.scheme") or s.target
         ms = (s.end_ns - s.start_ns) / 1e6
         parts = [f"{system:<11}", f"{ms:8.1f} ms", f" {s.name}"]
+        if "url.path" in a:
+            parts.append(f" {a.get('server.address', '')}{a['url.path']}")
         if DB.DB_NAMESPACE in a:
             parts.append(f"  db={a[DB.DB_NAMESPACE]}")
         if "http.response.status_code" in a:
             parts.append(f"  status={a['http.response.status_code']}")
         parts.append(f"  pid={s.resource_pid}")
         if s.error:
-            parts.append(f"  ERROR {s.status_message}")
+            parts.append(f"  ERROR {s.status_message or a.get('error.type', '')}".rstrip())
         if self._slow is not None and s.duration_s >= self._slow:
             parts.append("  SLOW")
         return "".join(parts) + "\n"
