@@ -79,6 +79,7 @@ class Agent:
         self._prom_server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._last_scan = 0.0
+        self._warned: set[str] = set()  # warnings said once (a missing binary at every rescan)
         self.counts = collections.Counter[str]()  # spans.exported, spans.dropped.<reason>, ...
         self.sampling_permille = round(config.sample_ratio * 1000)  # in force, after rate limiting
         self._ops_seen = (0, time.monotonic())
@@ -108,8 +109,6 @@ class Agent:
                     continue
                 found.setdefault((target.name, fid), (target, p, fid))
         return list(found.values())
-
-    _warned: set[str] = set()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
