@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import bpf, process
+from .discovery import find_binaries
 from .config import Config
 from .elf import ElfError
 from .export import OtlpTransport, ResourceCache, SpanSink, make_span_sink, new_ids, slow_log_request
@@ -87,28 +88,8 @@ class Agent:
     # --- discovery and attach ------------------------------------------------
 
     def discover(self) -> list[tuple[Target, str, process.FileId]]:
-        """Binaries of the enabled targets: well-known paths, configured paths, running processes."""
-        found: dict[tuple[str, process.FileId], tuple[Target, str, process.FileId]] = {}
-        procs = process.processes()
-        for target in self.targets:
-            paths = list(self.config.binaries.get(target.name, ()))
-            for p in paths:
-                if not os.path.exists(p):
-                    self._warn_once(f"missing:{p}", f"{target.name}: configured binary {p} does not exist")
-            paths += target.candidate_paths()
-            paths += target.extra_paths(procs)
-            for info in procs:
-                if info.exe and target.matches_process(info.comm, info.exe):
-                    # A path in our own mount namespace when it is the same file, else /proc/PID/exe.
-                    paths.append(info.exe if os.path.exists(info.exe) else info.exe_path)
-                    paths.append(info.exe_path)
-            for p in paths:
-                try:
-                    fid = process.FileId.of(p)
-                except OSError:
-                    continue
-                found.setdefault((target.name, fid), (target, p, fid))
-        return list(found.values())
+        """Binaries of the enabled targets (see discovery.find_binaries)."""
+        return find_binaries(self.targets, self.config.binaries, self._warn_once)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
