@@ -9,6 +9,7 @@ variables and the exporters' code.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -43,8 +44,11 @@ SCOPE = InstrumentationScope(name="otel-ebpf", version=__version__)
 class ResourceCache:
     """Resource attributes of each watched process, read once per process identity."""
 
+    MAX_PROCESSES = 1024  # least recently used first out: short-lived clients come and go
+
     def __init__(self, service_name_override: str | None = None):
-        self._by_pid: dict[int, tuple[int, dict[str, object], Resource]] = {}
+        self._by_pid: collections.OrderedDict[int, tuple[int, dict[str, object], Resource]] = \
+            collections.OrderedDict()
         self._override = service_name_override
         self._lock = threading.Lock()
 
@@ -61,13 +65,15 @@ class ResourceCache:
             cached = self._by_pid.get(pid)
             # A process that exited keeps its cached Resource (its spans may still be queued).
             if cached is not None and (start == -1 or cached[0] == start):
+                self._by_pid.move_to_end(pid)
                 return cached
         attrs = self._read(pid, fields)
         entry = (start, attrs, Resource(attributes=to_key_values(attrs)))
         with self._lock:
-            if len(self._by_pid) > 4096:
-                self._by_pid.clear()
             self._by_pid[pid] = entry
+            self._by_pid.move_to_end(pid)
+            while len(self._by_pid) > self.MAX_PROCESSES:
+                self._by_pid.popitem(last=False)
         return entry
 
     def _read(self, pid: int, fields: tuple[str, int, int] | None) -> dict[str, object]:
@@ -109,7 +115,7 @@ def to_key_values(attrs: dict[str, object]) -> list[KeyValue]:
 
 
 _KV_CACHE: dict[tuple[str, type, object], KeyValue] = {}
-_KV_CACHE_MAX = 16_384  # bounded: ports and query shapes are many; ~5 MB at most
+_KV_CACHE_MAX = 8192  # bounded: ports and query shapes are many; a few MB at most
 
 
 def cached_key_values(attrs: dict[str, object]) -> list[KeyValue]:
