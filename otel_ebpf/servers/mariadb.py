@@ -71,7 +71,7 @@ class MariadbServer:
                                       stderr=subprocess.DEVNULL, env={**os.environ, **self.env})
         try:
             self._wait_ready(timeout)
-        except ServerError:
+        except BaseException:  # never leave a half-started server behind
             self.stop()
             raise
         return self
