@@ -32,6 +32,13 @@ class PostgresServer:
         self.pid = 0
 
     def start(self) -> "PostgresServer":
+        try:
+            return self._start()
+        except BaseException:  # never leave a half-started cluster behind
+            self.stop()
+            raise
+
+    def _start(self) -> "PostgresServer":
         os.chmod(self.dir, 0o755)
         chown_tree(self.dir, USER)
         r = run_as(USER, [os.path.join(self.bin, "initdb"), "-D", self.data, "-A", "trust", "-U", USER,
