@@ -600,3 +600,56 @@ def fmt_rate(x: float) -> str:
 
 def fmt_ratio(x: float) -> str:
     return "-" if x != x else f"{x:.3f}"
+
+
+@dataclass
+class CaseRuns:
+    """Every run of one case of a throughput benchmark."""
+
+    name: str
+    rates: list[float] = field(default_factory=list)  # requests or transactions per second
+    cpu_us: list[float] = field(default_factory=list)  # the server's CPU per operation
+    tool_cores: list[float] = field(default_factory=list)
+    company: list[bool] = field(default_factory=list)  # another eBPF tool on this target ran then
+    company_cmds: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_interleaved(cases: list[str], repeats: int, run_one, label: str, unit: str, log=print) -> dict[str, CaseRuns]:
+    """Run every case `repeats` times, interleaved, the order rotated each repeat (drift hits all alike)."""
+    runs = {c: CaseRuns(c) for c in cases}
+    for r in range(repeats):
+        for case in cases[r % len(cases):] + cases[:r % len(cases)]:
+            run_one(case, runs[case])
+            log(f"{label}: repeat {r + 1}/{repeats} {case}: "
+                f"{fmt_rate(runs[case].rates[-1]) if runs[case].rates else 'failed'} {unit}")
+    return runs
+
+
+def throughput_rows(table: "Table", runs: dict[str, CaseRuns], target: str, per_operation: str) -> dict[str, float]:
+    """One row per case (runs, median, spread, ratio to no probes, CPU), notes; the ratios."""
+    cases = list(runs)
+    base = median(runs["no probes"].rates)
+    ratios = {}
+    for case in cases:
+        cr = runs[case]
+        ratios[case] = median(cr.rates) / base if cr.rates and base else float("nan")
+        per_run = " / ".join(fmt_rate(x) + ("*" if c else "") for x, c in zip(cr.rates, cr.company))
+        table.rows.append([case, per_run, fmt_rate(median(cr.rates)),
+                           spread(cr.rates), fmt_ratio(ratios[case]),
+                           f"{median(cr.cpu_us):.1f}" if cr.cpu_us else "-",
+                           f"{median(cr.tool_cores):.2f}" if cr.tool_cores else "-"])
+    cpu_base = median(runs["no probes"].cpu_us)
+    for case in cases[1:]:
+        if runs[case].cpu_us and cpu_base:
+            table.notes.append(f"{case}: {per_operation} {median(runs[case].cpu_us) / cpu_base:.3f}× "
+                               "the no-probe run's")
+    company = sorted(set().union(*(runs[c].company_cmds for c in cases)))
+    if company:
+        table.notes.append(f"* another eBPF tool that may probe {target} was running at the start or the end of "
+                           f"that run (a shared machine): {'; '.join(c[:90] for c in company[:3])}"
+                           + (f" and {len(company) - 3} more" if len(company) > 3 else ""))
+    for case in cases:
+        for note in dict.fromkeys(runs[case].notes):
+            table.notes.append(f"{case}: {note}")
+    return ratios

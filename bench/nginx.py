@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .common import (
-    AGENT_VARIANTS, Agent, BenchError, Bpftrace, Check, CountingReceiver, MachineWatch, QuietWait, Table,
-    agent_cases, agent_variant_note, cpu_seconds, fmt_rate, fmt_ratio, foreign_tracers, median, noise_note,
-    require_tool, run, spread,
+    AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, Check, CountingReceiver, MachineWatch, QuietWait,
+    Table, agent_cases, agent_variant_note, cpu_seconds, fmt_ratio, foreign_tracers, noise_note, require_tool,
+    run, run_interleaved, throughput_rows,
 )
 
 WORKERS = 1
@@ -90,17 +90,6 @@ def wrk(url: str, duration: float, connections: int = 32) -> WrkResult:
     return WrkResult(float(m_rps.group(1)), int(m_n.group(1)), errors)
 
 
-@dataclass
-class CaseRuns:
-    name: str
-    rps: list[float] = field(default_factory=list)
-    cpu_us: list[float] = field(default_factory=list)  # nginx worker CPU per request
-    tool_cores: list[float] = field(default_factory=list)
-    company: list[bool] = field(default_factory=list)  # another eBPF tool on this target ran then
-    company_cmds: set[str] = field(default_factory=set)
-    notes: list[str] = field(default_factory=list)
-
-
 def truncate_log(server) -> None:
     # The access log grows by ~25k lines/s; nginx appends (O_APPEND), so truncating is safe.
     try:
@@ -137,7 +126,7 @@ def run_case(case: str, server, path: str, points, duration: float, receiver: Co
         bench_cores = (cpu_seconds(os.getpid()) - bench0) / wall
         other, tracers = watch.stop()
         others += foreign_tracers("nginx")
-        runs.rps.append(result.rps)
+        runs.rates.append(result.rps)
         runs.company.append(bool(others))
         runs.company_cmds.update(others)
         runs.cpu_us.append(worker_cpu / max(result.requests, 1) * 1e6)
@@ -198,36 +187,9 @@ def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[T
         server.start()
         wrk(server.url(URL_PATH), 2)  # warm-up
         CASES = cases()
-        runs = {c: CaseRuns(c) for c in CASES}
-        for r in range(repeats):
-            order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
-            for case in order:
-                run_case(case, server, path, points, duration, receiver, runs[case], log)
-                log(f"nginx: repeat {r + 1}/{repeats} {case}: "
-                    f"{fmt_rate(runs[case].rps[-1]) if runs[case].rps else 'failed'} req/s")
-        base = median(runs["no probes"].rps)
-        ratios = {}
-        for case in CASES:
-            cr = runs[case]
-            ratios[case] = median(cr.rps) / base if cr.rps and base else float("nan")
-            per_run = " / ".join(fmt_rate(x) + ("*" if c else "") for x, c in zip(cr.rps, cr.company))
-            table.rows.append([case, per_run, fmt_rate(median(cr.rps)),
-                               spread(cr.rps), fmt_ratio(ratios[case]),
-                               f"{median(cr.cpu_us):.1f}" if cr.cpu_us else "-",
-                               f"{median(cr.tool_cores):.2f}" if cr.tool_cores else "-"])
-        cpu_base = median(runs["no probes"].cpu_us)
-        for case in CASES[1:]:
-            if runs[case].cpu_us and cpu_base:
-                table.notes.append(f"{case}: worker CPU per request {median(runs[case].cpu_us) / cpu_base:.3f}× "
-                                   "the no-probe run's")
-        company = sorted(set().union(*(runs[c].company_cmds for c in CASES)))
-        if company:
-            table.notes.append(f"* another eBPF tool that may probe nginx was running at the start or the end of "
-                               f"that run (a shared machine): {'; '.join(c[:90] for c in company[:3])}"
-                               + (f" and {len(company) - 3} more" if len(company) > 3 else ""))
-        for case in CASES:
-            for note in dict.fromkeys(runs[case].notes):
-                table.notes.append(f"{case}: {note}")
+        runs = run_interleaved(CASES, repeats, lambda case, cr: run_case(
+            case, server, path, points, duration, receiver, cr, log), "nginx", "req/s", log)
+        ratios = throughput_rows(table, runs, "nginx", "worker CPU per request")
         table.notes.insert(1, agent_variant_note())
         b = ratios["bpftrace"]
         for case, label in (("agent (defaults)", "nginx ratio with the agent (defaults)"),

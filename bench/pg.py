@@ -18,12 +18,12 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .common import (
-    AGENT_VARIANTS, Agent, BenchError, Bpftrace, Check, CountingReceiver, MachineWatch, QuietWait, Table,
-    agent_cases, agent_variant_note, children_of, cpu_seconds, fmt_rate, fmt_ratio, foreign_tracers, median,
-    noise_note, require_tool, run, spawn, spread, stop, tree_cpu_seconds,
+    AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, Check, CountingReceiver, MachineWatch, QuietWait,
+    Table, agent_cases, agent_variant_note, children_of, cpu_seconds, fmt_ratio, foreign_tracers, noise_note,
+    require_tool, run, run_interleaved, spawn, stop, throughput_rows, tree_cpu_seconds,
 )
 from otel_ebpf.servers.postgres import PostgresServer
 
@@ -142,17 +142,6 @@ class Dbslower:
         return out
 
 
-@dataclass
-class CaseRuns:
-    name: str
-    tps: list[float] = field(default_factory=list)
-    cpu_us: list[float] = field(default_factory=list)  # server CPU per transaction
-    tool_cores: list[float] = field(default_factory=list)
-    company: list[bool] = field(default_factory=list)  # another eBPF tool on this target ran then
-    company_cmds: set[str] = field(default_factory=set)
-    notes: list[str] = field(default_factory=list)
-
-
 def run_case(case: str, cluster: PgCluster, duration: float, receiver: CountingReceiver, runs: CaseRuns,
              log=print) -> None:
     tool_pid = None
@@ -183,7 +172,7 @@ def run_case(case: str, cluster: PgCluster, duration: float, receiver: CountingR
         bench_cores = (cpu_seconds(os.getpid()) - bench0) / wall
         other, tracers = watch.stop()
         others += foreign_tracers("postgres")
-        runs.tps.append(result.tps)
+        runs.rates.append(result.tps)
         runs.company.append(bool(others))
         runs.company_cmds.update(others)
         runs.cpu_us.append(server_cpu / max(result.transactions, 1) * 1e6)
@@ -274,36 +263,9 @@ def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[T
         cluster.start()
         cluster.pgbench("-c", "4", "-j", "2", duration=2)  # warm-up: caches, connections
         CASES = cases()
-        runs = {c: CaseRuns(c) for c in CASES}
-        for r in range(repeats):
-            order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
-            for case in order:
-                run_case(case, cluster, duration, receiver, runs[case], log)
-                log(f"pg: repeat {r + 1}/{repeats} {case}: "
-                    f"{fmt_rate(runs[case].tps[-1]) if runs[case].tps else 'failed'} tps")
-        base = median(runs["no probes"].tps)
-        ratios = {}
-        for case in CASES:
-            cr = runs[case]
-            ratios[case] = median(cr.tps) / base if cr.tps and base else float("nan")
-            per_run = " / ".join(fmt_rate(x) + ("*" if c else "") for x, c in zip(cr.tps, cr.company))
-            table.rows.append([case, per_run, fmt_rate(median(cr.tps)),
-                               spread(cr.tps), fmt_ratio(ratios[case]),
-                               f"{median(cr.cpu_us):.1f}" if cr.cpu_us else "-",
-                               f"{median(cr.tool_cores):.2f}" if cr.tool_cores else "-"])
-        cpu_base = median(runs["no probes"].cpu_us)
-        for case in CASES[1:]:
-            if runs[case].cpu_us and cpu_base:
-                table.notes.append(f"{case}: server CPU per transaction {median(runs[case].cpu_us) / cpu_base:.3f}× "
-                                   "the no-probe run's")
-        company = sorted(set().union(*(runs[c].company_cmds for c in CASES)))
-        if company:
-            table.notes.append(f"* another eBPF tool that may probe postgres was running at the start or the end of "
-                               f"that run (a shared machine): {'; '.join(c[:90] for c in company[:3])}"
-                               + (f" and {len(company) - 3} more" if len(company) > 3 else ""))
-        for case in CASES:
-            for note in dict.fromkeys(runs[case].notes):
-                table.notes.append(f"{case}: {note}")
+        runs = run_interleaved(CASES, repeats, lambda case, cr: run_case(
+            case, cluster, duration, receiver, cr, log), "pg", "tps", log)
+        ratios = throughput_rows(table, runs, "postgres", "server CPU per transaction")
         try:
             table.notes.append(dbslower_coverage(cluster))
         except (BenchError, OSError) as exc:
