@@ -17,7 +17,6 @@ import re
 import threading
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -255,5 +254,3 @@ def bcc_version() -> str:
         return ""
     return getattr(bcc, "__version__", "unknown")
 
-
-Callback = Callable[[list[bytes]], None]

@@ -114,11 +114,6 @@ class MetricStore:
             table = self._gauges.setdefault(name, {})
             table[self._key(table, attrs)] = value
 
-    def histogram_count(self, name: str, **match: object) -> int:
-        with self._lock:
-            return sum(h.count for k, h in self._hists.get(name, {}).items()
-                       if all(dict(k).get(a) == v for a, v in match.items()))
-
     def counter_value(self, name: str, **match: object) -> float:
         with self._lock:
             return sum(v for k, v in self._counters.get(name, {}).items()

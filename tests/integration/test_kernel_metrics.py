@@ -17,28 +17,6 @@ def pg():
     server.stop()
 
 
-def histogram_counts(receiver) -> dict[tuple[str, str | None], int]:
-    """Last (cumulative) count per (operation, error.type) of PostgreSQL's duration histogram."""
-    last: dict[tuple, int] = {}
-    for _res, point, attrs in receiver.metric_points("db.server.operation.duration"):
-        if attrs.get("db.system.name") == "postgresql":
-            last[tuple(sorted(attrs.items()))] = point.count
-    out: dict[tuple[str, str | None], int] = {}
-    for key, count in last.items():
-        a = dict(key)
-        k = (a["db.operation.name"], a.get("error.type"))
-        out[k] = out.get(k, 0) + count
-    return out
-
-
-def counter(receiver, name: str) -> float:
-    points = receiver.metric_points(name)
-    last: dict[tuple, float] = {}
-    for _res, point, attrs in points:
-        last[tuple(sorted(attrs.items()))] = point.as_int or point.as_double
-    return sum(last.values())
-
-
 def send(pg, fast: int, slow: int, failing: int) -> None:
     conn = psycopg2.connect(pg.dsn())
     conn.autocommit = True
@@ -69,8 +47,8 @@ def test_sampling_in_kernel_keeps_slow_and_failed_and_counts_everything(pg, otlp
     fast_spans = len(spans) - len(slow_spans) - len(failed)
     assert len(slow_spans) == slow and len(failed) == failing, "slow and failed operations are always kept"
     assert 5 <= fast_spans <= 100, f"about 10 % of {fast} fast queries expected, got {fast_spans}"
-    assert histogram_counts(otlp_receiver) == {("SELECT", None): fast + slow, ("SELECT", "42P01"): failing}
-    assert counter(otlp_receiver, "otel_ebpf.spans.sampled_out") == fast - fast_spans
+    assert otlp_receiver.db_duration_counts("postgresql") == {("SELECT", None): fast + slow, ("SELECT", "42P01"): failing}
+    assert otlp_receiver.counter_total("otel_ebpf.spans.sampled_out") == fast - fast_spans
     assert status["events_lost"] == 0
 
     logs = [r for req in otlp_receiver.log_requests for rl in req.resource_logs
@@ -100,8 +78,8 @@ def test_full_ring_buffer_loses_spans_but_not_counts(pg, otlp_receiver, tmp_path
     spans = [s for s in otlp_receiver.spans() if s.resource.get("process.pid") == pg.pid]
     assert status["events_lost"] > 0 and len(spans) < queries
     assert len(spans) + status["events_lost"] == queries, "every record is either delivered or counted lost"
-    assert counter(otlp_receiver, "otel_ebpf.events.lost") == status["events_lost"]
-    assert histogram_counts(otlp_receiver) == {("SELECT", None): queries}
+    assert otlp_receiver.counter_total("otel_ebpf.events.lost") == status["events_lost"]
+    assert otlp_receiver.db_duration_counts("postgresql") == {("SELECT", None): queries}
 
 
 def test_span_rate_limit_sheds_load_but_counts_everything(pg, otlp_receiver):
@@ -126,5 +104,5 @@ def test_span_rate_limit_sheds_load_but_counts_everything(pg, otlp_receiver):
     assert lowered < 1.0, "the agent should have lowered the sampling ratio"
     assert len(failed) == 3 and len(slow_spans) == 2
     assert len(spans) < fast / 2
-    assert histogram_counts(otlp_receiver) == {("SELECT", None): fast + 2, ("SELECT", "42P01"): 3}
+    assert otlp_receiver.db_duration_counts("postgresql") == {("SELECT", None): fast + 2, ("SELECT", "42P01"): 3}
     assert status["events_lost"] == 0

@@ -123,16 +123,7 @@ def test_query_spans_over_otlp(pg, otlp_receiver, protocol):
     assert duplicate.status_code == 2 and duplicate.attributes["error.type"] == "23505"
 
     # The kernel histogram counted every query: 20 inserts (+1 failed), 20 selects (+1 slow), 1 failed select.
-    points = [(attrs, p) for res, p, attrs in otlp_receiver.metric_points("db.server.operation.duration")]
-    assert points, "no duration histogram exported"
-    last: dict = {}
-    for attrs, p in points:  # cumulative: the last point of each series counts everything
-        last[tuple(sorted(attrs.items()))] = p.count
-    counts = {k: v for k, v in last.items() if dict(k)["db.system.name"] == "postgresql"}
-    by_op = {}
-    for k, v in counts.items():
-        a = dict(k)
-        by_op[(a["db.operation.name"], a.get("error.type"))] = by_op.get((a["db.operation.name"], a.get("error.type")), 0) + v
+    by_op = otlp_receiver.db_duration_counts("postgresql")
     half = CONNECTIONS * QUERIES_PER_CONNECTION // 2
     assert by_op == {("INSERT", None): half, ("SELECT", None): half + 1,
                      ("INSERT", "23505"): 1, ("SELECT", "42P01"): 1}, by_op

@@ -39,21 +39,6 @@ def run_queries(pg, queries: list[str], db: str = "postgres") -> None:
     conn.close()
 
 
-def last_counter(receiver, name: str, **match) -> float:
-    last: dict[tuple, float] = {}
-    for _res, p, attrs in receiver.metric_points(name):
-        if all(attrs.get(k) == v for k, v in match.items()):
-            last[tuple(sorted(attrs.items()))] = p.as_int or p.as_double
-    return sum(last.values())
-
-
-def hist_total(receiver) -> int:
-    last: dict[tuple, int] = {}
-    for _res, p, attrs in receiver.metric_points("db.server.operation.duration"):
-        last[tuple(sorted(attrs.items()))] = p.count
-    return sum(last.values())
-
-
 def test_backend_down_at_start_then_back(pg, otlp_receiver):
     otlp_receiver.available = False
     agent = AgentProcess("--targets", "postgres", env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.grpc_endpoint})
@@ -67,7 +52,7 @@ def test_backend_down_at_start_then_back(pg, otlp_receiver):
     assert agent.returncode == 0
     assert len(spans) + status["spans_dropped"] == 40, "every span is delivered or counted as dropped"
     assert len(spans) == 40, "an outage shorter than the export timeout loses nothing"
-    assert hist_total(otlp_receiver) == 40, "cumulative metrics carry on across the outage"
+    assert sum(otlp_receiver.db_duration_counts().values()) == 40, "cumulative metrics carry on across the outage"
 
 
 def test_long_outage_drops_are_counted_and_memory_bounded(pg, otlp_receiver):
@@ -89,7 +74,7 @@ def test_long_outage_drops_are_counted_and_memory_bounded(pg, otlp_receiver):
     assert during["spans_dropped"] > 0
     assert len(after) == 10, "spans flow again after the backend comes back"
     assert len(spans) + status["spans_dropped"] == 310
-    assert hist_total(otlp_receiver) == 310
+    assert sum(otlp_receiver.db_duration_counts().values()) == 310
 
 
 def test_server_starts_after_agent_and_restarts(otlp_receiver):
@@ -194,7 +179,7 @@ def test_bad_queries_and_many_shapes(pg, otlp_receiver):
     # 10,000 query shapes: the per-summary slow counter stays bounded, its total stays exact.
     series = {tuple(sorted(a.items())) for _r, _p, a in otlp_receiver.metric_points("otel_ebpf.db.slow_operations")}
     assert len(series) <= 2001
-    assert last_counter(otlp_receiver, "otel_ebpf.db.slow_operations") == 10_004
+    assert otlp_receiver.counter_total("otel_ebpf.db.slow_operations") == 10_004
 
 
 def test_500_concurrent_connections(pg, otlp_receiver):

@@ -176,6 +176,27 @@ class OtlpReceiver:
                             out.append((resource, p, attrs_of(p.attributes)))
         return out
 
+    def last_points(self, name: str, **match: object) -> dict[tuple, object]:
+        """The latest point of each series of a cumulative metric (it counts everything so far)."""
+        last: dict[tuple, object] = {}
+        for _resource, point, attrs in self.metric_points(name):
+            if all(attrs.get(k) == v for k, v in match.items()):
+                last[tuple(sorted(attrs.items()))] = point
+        return last
+
+    def counter_total(self, name: str, **match: object) -> float:
+        return sum(p.as_int or p.as_double for p in self.last_points(name, **match).values())
+
+    def db_duration_counts(self, system: str | None = None) -> dict[tuple[str, str | None], int]:
+        """Operations counted by db.server.operation.duration, by (db.operation.name, error.type)."""
+        match = {"db.system.name": system} if system else {}
+        out: dict[tuple[str, str | None], int] = {}
+        for key, point in self.last_points("db.server.operation.duration", **match).items():
+            attrs = dict(key)
+            k = (attrs["db.operation.name"], attrs.get("error.type"))
+            out[k] = out.get(k, 0) + point.count
+        return out
+
     def all_exported_text(self) -> str:
         """Every string the agent sent, for 'this secret appears nowhere' assertions."""
         with self._lock:
