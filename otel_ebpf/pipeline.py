@@ -131,7 +131,8 @@ class Agent:
                     unit.program = None
                 unit.labels.clear()
         if compiled:
-            bpf.release_compiler_memory()
+            released = bpf.release_compiler_memory()
+            log.debug("released %.0f MB of compiler pages", released / 2**20)
 
     # --- running ----------------------------------------------------------------
 
