@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import threading
+import time
 from typing import IO, Iterable, Protocol
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -23,7 +24,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeL
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.semconv._incubating.attributes import (
     container_attributes as CONTAINER,
     host_attributes as HOST,
@@ -45,12 +46,16 @@ class ResourceCache:
     """Resource attributes of each watched process, read once per process identity."""
 
     MAX_PROCESSES = 1024  # least recently used first out: short-lived clients come and go
+    # A cached pid is checked against /proc (its start time: a reused pid is another
+    # process) at most this often: every drain asks for the pids it saw.
+    RECHECK_S = 1.0
 
     def __init__(self, service_name_override: str | None = None):
         self._by_pid: collections.OrderedDict[int, tuple[int, dict[str, object], Resource]] = \
             collections.OrderedDict()
         self._override = service_name_override
         self._lock = threading.Lock()
+        self._checked_at: dict[int, float] = {}
 
     def attributes(self, pid: int) -> dict[str, object]:
         return self._entry(pid)[1]
@@ -59,6 +64,11 @@ class ResourceCache:
         return self._entry(pid)[2]
 
     def _entry(self, pid: int) -> tuple[int, dict[str, object], Resource]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._by_pid.get(pid)
+            if cached is not None and now - self._checked_at.get(pid, 0.0) < self.RECHECK_S:
+                return cached
         fields = process.stat_fields(pid)
         start = fields[2] if fields else -1
         with self._lock:
@@ -66,14 +76,16 @@ class ResourceCache:
             # A process that exited keeps its cached Resource (its spans may still be queued).
             if cached is not None and (start == -1 or cached[0] == start):
                 self._by_pid.move_to_end(pid)
+                self._checked_at[pid] = now
                 return cached
         attrs = self._read(pid, fields)
         entry = (start, attrs, Resource(attributes=to_key_values(attrs)))
         with self._lock:
             self._by_pid[pid] = entry
             self._by_pid.move_to_end(pid)
+            self._checked_at[pid] = now
             while len(self._by_pid) > self.MAX_PROCESSES:
-                self._by_pid.popitem(last=False)
+                self._checked_at.pop(self._by_pid.popitem(last=False)[0], None)
         return entry
 
     def _read(self, pid: int, fields: tuple[str, int, int] | None) -> dict[str, object]:
@@ -150,22 +162,29 @@ def new_ids() -> tuple[bytes, bytes]:
 
 
 def trace_request(spans: Iterable[SpanData], resources: ResourceCache) -> ExportTraceServiceRequest:
-    """One request for a batch: spans grouped by the Resource of their process."""
-    groups: dict[int, list[Span]] = {}
+    """One request for a batch: spans grouped by the Resource of their process.
+
+    Spans are built in place (`spans.add`): a Span made first and then handed to a
+    ScopeSpans would be copied once more, which cost as much as building it."""
+    request = ExportTraceServiceRequest()
+    groups: dict[int, object] = {}  # pid -> the repeated `spans` field of its ScopeSpans
     for s in spans:
         if s.trace_id is None:
             s.trace_id, s.span_id = new_ids()
-        trace_id, span_id = s.trace_id, s.span_id
-        groups.setdefault(s.resource_pid, []).append(Span(
-            trace_id=trace_id, span_id=span_id, name=s.name, kind=s.kind,
-            start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
-            attributes=cached_key_values(s.attributes),
-            status=Status(code=Status.STATUS_CODE_ERROR, message=s.status_message) if s.error else None,
-        ))
-    return ExportTraceServiceRequest(resource_spans=[
-        ResourceSpans(resource=resources.proto(pid), scope_spans=[ScopeSpans(scope=SCOPE, spans=group)])
-        for pid, group in groups.items()
-    ])
+        group = groups.get(s.resource_pid)
+        if group is None:
+            resource_spans = request.resource_spans.add()
+            resource_spans.resource.CopyFrom(resources.proto(s.resource_pid))
+            scope_spans = resource_spans.scope_spans.add()
+            scope_spans.scope.CopyFrom(SCOPE)
+            group = groups[s.resource_pid] = scope_spans.spans
+        span = group.add(trace_id=s.trace_id, span_id=s.span_id, name=s.name, kind=s.kind,
+                         start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
+                         attributes=cached_key_values(s.attributes))
+        if s.error:
+            span.status.code = Status.STATUS_CODE_ERROR
+            span.status.message = s.status_message
+    return request
 
 
 # --- exporters --------------------------------------------------------------------

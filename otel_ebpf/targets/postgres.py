@@ -199,7 +199,9 @@ class PostgresTarget(Target):
     def _span(self, raw: bytes, ctx: DecodeContext, error_code: str | None) -> SpanData:
         (start, end, pid, postmaster, kind, code, raddr, laddr, database, qlen, _pad) = \
             _HEADER.unpack_from(raw)
-        query = raw[_HEADER.size:_HEADER.size + qlen]
+        # qlen counts the NUL bpf_probe_read_user_str ends with: without it, the SQL cache's
+        # literal-free fast path applies (queries differing in literals share one analysis).
+        query = raw[_HEADER.size:_HEADER.size + qlen - 1] if qlen else b""
         config = ctx.config
         info = sql.analyze(query, "postgresql")
         attrs: dict[str, object] = {DB.DB_SYSTEM_NAME: "postgresql"}

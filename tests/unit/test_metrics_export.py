@@ -56,3 +56,39 @@ def test_series_cap_overflows():
         m.add("otel_ebpf.db.slow_operations", {"db.query.summary": f"SELECT t{i}"})
     assert m.counter_value("otel_ebpf.db.slow_operations") == 10
     assert 'otel_metric_overflow="true"' in m.prometheus_text()
+
+
+def test_trace_request_groups_spans_of_several_processes():
+    spans = [span(1), span(2), span(3)]
+    spans[1].resource_pid = 4343
+    req = trace_request(spans, ResourceCache())
+    assert [len(rs.scope_spans[0].spans) for rs in req.resource_spans] == [2, 1]
+    assert [rs.scope_spans[0].scope.name for rs in req.resource_spans] == ["otel-ebpf", "otel-ebpf"]
+
+
+def test_resource_cache_rechecks_a_pid_for_reuse_at_most_once_a_second(monkeypatch):
+    from otel_ebpf import export, process
+
+    starts = {"value": 100}
+    calls = []
+
+    def stat_fields(pid):
+        calls.append(pid)
+        return ("server", 1, starts["value"])
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(process, "stat_fields", stat_fields)
+    monkeypatch.setattr(export.time, "monotonic", lambda: clock["now"])
+    cache = ResourceCache(service_name_override="svc")
+    first = cache.proto(77)
+    calls.clear()
+    for _ in range(50):
+        clock["now"] += 0.01
+        assert cache.proto(77) is first
+    assert len(calls) == 0  # the drain loop asks every 20 ms; /proc is not read each time
+    clock["now"] += 1.0
+    assert cache.proto(77) is first
+    assert len(calls) == 1  # checked: the same process
+    starts["value"] = 200  # pid 77 is now another process
+    clock["now"] += 1.5
+    assert cache.proto(77) is not first
