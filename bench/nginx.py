@@ -32,8 +32,11 @@ URL_PATH = "/static/ok.txt"
 UNAVAILABLE = "nginx: target not available in this build"
 
 
+BPFTRACE_DURATIONS = "bpftrace, durations"
+
+
 def cases() -> tuple[str, ...]:
-    return ("no probes", "bpftrace", *agent_cases())
+    return ("no probes", "bpftrace", BPFTRACE_DURATIONS, *agent_cases())
 
 
 def load_nginx():
@@ -72,6 +75,16 @@ def bpftrace_script(path: str, points: list[tuple[str, str, str]]) -> str:
     return "".join(f"{kind}:{path}:{sym} {{ @p{i} = count(); }}\n" for i, (kind, sym, _) in enumerate(points))
 
 
+def bpftrace_durations_script(path: str, points: list[tuple[str, str, str]]) -> str:
+    """The least a latency tool does at the same two points: a start time per request
+    (keyed by thread: one worker serves one request at a time between the two) and a
+    histogram of durations, with a count to check it saw every request."""
+    (start_kind, start_sym, _), (end_kind, end_sym, _) = points[0], points[-1]
+    return (f"{start_kind}:{path}:{start_sym} {{ @start[tid] = nsecs; }}\n"
+            f"{end_kind}:{path}:{end_sym} /@start[tid]/ {{ @hist = hist(nsecs - @start[tid]); "
+            f"delete(@start[tid]); @p0 = count(); }}\n")
+
+
 @dataclass
 class WrkResult:
     rps: float
@@ -107,6 +120,9 @@ def run_case(case: str, server, path: str, points, duration: float, receiver: Co
         if case == "bpftrace":
             bt = Bpftrace(bpftrace_script(path, points), label="nginx").start()
             tool_pid = bt.proc.pid
+        elif case == BPFTRACE_DURATIONS:
+            bt = Bpftrace(bpftrace_durations_script(path, points), label="nginx").start()
+            tool_pid = bt.proc.pid
         elif case.startswith("agent"):
             args, env = AGENT_VARIANTS[case]
             agent = Agent("--targets", "nginx", *args, receiver=receiver, label="nginx-agent", env=env).start()
@@ -137,8 +153,12 @@ def run_case(case: str, server, path: str, points, duration: float, receiver: Co
             runs.notes.append(note)
         if bt is not None:
             out = bt.stop()
-            counts = [Bpftrace.scalar(out, f"p{i}") for i in range(len(points))]
-            runs.notes.append(f"bpftrace hits per probe {counts} for {result.requests:,} requests (wrk)")
+            if case == BPFTRACE_DURATIONS:
+                runs.notes.append(f"bpftrace timed {Bpftrace.scalar(out, 'p0')} requests for {result.requests:,} "
+                                  f"(wrk)")
+            else:
+                counts = [Bpftrace.scalar(out, f"p{i}") for i in range(len(points))]
+                runs.notes.append(f"bpftrace hits per probe {counts} for {result.requests:,} requests (wrk)")
         if agent is not None:
             status = agent.wait_drained()
             seen = status["events_seen"] - before["events_seen"]
@@ -198,6 +218,11 @@ def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[T
                 a = ratios[case]
                 table.checks.append(Check(label, f"{fmt_ratio(a)} (bpftrace {fmt_ratio(b)})",
                                           "≥ bpftrace floor ratio − 0.01", None if a != a or b != b else a >= b - 0.01))
+        if BPFTRACE_DURATIONS in ratios and "agent, spans off" in ratios:
+            table.notes.append(f"{BPFTRACE_DURATIONS}: bpftrace pairing the two probes per request into a "
+                               f"histogram, the least a latency tool does there: ratio "
+                               f"{fmt_ratio(ratios[BPFTRACE_DURATIONS])}, against {fmt_ratio(ratios['agent, spans off'])} "
+                               f"for the agent's kernel side alone (spans off)")
     finally:
         receiver.stop()
         server.stop()

@@ -27,7 +27,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slow-threshold-ms", dest="slow_threshold_ms", type=float)
     p.add_argument("--sample-ratio", dest="sample_ratio", type=float)
     p.add_argument("--max-spans-per-second", dest="max_spans_per_second", type=int,
-                   help="above this rate, sample down (metrics stay exact; 0 = no limit; default 5000)")
+                   help="above this rate, sample down (metrics stay exact; 0 = no limit; default 1000)")
     p.add_argument("--capture-raw-query", dest="capture_raw_query", action="store_const", const=True,
                    help="export query text WITH its literals (may expose secrets)")
     p.add_argument("--log-level", dest="log_level")

@@ -63,6 +63,16 @@ class MariadbServer:
                           "--skip-name-resolve"])
         if r.returncode != 0:
             raise ServerError(f"mariadb-install-db failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+        self._launch(timeout)
+        return self
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop mariadbd (SIGTERM, as systemd does) and start it again on the same data and port."""
+        self._terminate()
+        self.pid = 0
+        self._launch(timeout)
+
+    def _launch(self, timeout: float) -> None:
         argv = [self.mariadbd, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
                 f"--port={self.port}", "--bind-address=127.0.0.1", f"--pid-file={self.pid_file}",
                 f"--log-error={self.log}", "--skip-name-resolve", "--skip-log-bin",
@@ -74,7 +84,6 @@ class MariadbServer:
         except BaseException:  # never leave a half-started server behind
             self.stop()
             raise
-        return self
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -119,6 +128,10 @@ class MariadbServer:
                 **({"database": db} if db else {})}
 
     def stop(self, timeout: float = 30.0) -> None:
+        self._terminate(timeout)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _terminate(self, timeout: float = 30.0) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # mariadbd shuts down cleanly on SIGTERM
@@ -127,7 +140,10 @@ class MariadbServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.unlink(self.pid_file)  # a restart waits for the new server's pid file
+        except OSError:
+            pass
 
     def __enter__(self) -> "MariadbServer":
         return self.start()

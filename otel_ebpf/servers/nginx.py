@@ -253,7 +253,18 @@ http {{
             raise ServerError(f"nginx -s reload failed: {r.stderr.strip()}")
         return self._wait_workers(old)
 
+    def restart(self) -> set[int]:
+        """Stop nginx (master and workers) and start it again on the same ports; returns the
+        new workers' pids."""
+        self._terminate()
+        self._start()
+        return self.worker_pids()
+
     def stop(self) -> None:
+        self._terminate()
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+    def _terminate(self) -> None:
         if self.master_pid:
             try:
                 os.kill(self.master_pid, signal.SIGTERM)  # fast shutdown
@@ -269,7 +280,10 @@ http {{
                     except ProcessLookupError:
                         pass
             self.master_pid = 0
-        shutil.rmtree(self.prefix, ignore_errors=True)
+        try:
+            os.unlink(self.pid_file)  # a restart waits for the new master's pid file
+        except OSError:
+            pass
 
     def __enter__(self) -> "NginxServer":
         return self.start()

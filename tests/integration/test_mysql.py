@@ -416,3 +416,44 @@ def test_paths_without_a_server_here_pass_the_verifier(usdt_binary, layout, trac
         assert len(program.attachments) == 5
     finally:
         program.close()
+
+
+def test_restarted_server_keeps_its_spans_without_restarting_the_agent(otlp_receiver):
+    """mariadbd stopped and started again (a new process of the same binary, as after
+    `systemctl restart mariadb`): its queries keep their spans and histogram counts."""
+    require_binary("mariadbd", "/usr/sbin/mariadbd")
+    server = MariadbServer().start()
+    agent = AgentProcess("--targets", "mysql", env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.grpc_endpoint})
+    try:
+        with running(agent):
+            first_pid = server.pid
+            conn = connect(server, db=None)
+            with conn.cursor() as cur:
+                for i in range(7):
+                    cur.execute(f"SELECT {i} AS before_restart")
+            conn.close()
+            before = otlp_receiver.wait_for_spans(lambda s: s.resource.get("process.pid") == first_pid,
+                                                  7 + 1)  # + pymysql's SET NAMES
+            server.restart()
+            assert server.pid != first_pid
+            conn = connect(server, db=None)
+            with conn.cursor() as cur:
+                for i in range(9):
+                    cur.execute(f"SELECT {i} AS after_restart")
+            conn.close()
+            after = otlp_receiver.wait_for_spans(lambda s: s.resource.get("process.pid") == server.pid, 9 + 1)
+            time.sleep(1.5)  # anything extra, and the next cumulative histogram, arrive now
+            total = sum(p.count for p in last_histograms(otlp_receiver, "mariadb").values())
+            status = agent.health()[1]
+            restarts_seen = [s for s in otlp_receiver.spans()
+                             if s.resource.get("process.pid") in (first_pid, server.pid)]
+    finally:
+        server.stop()
+    assert agent.returncode == 0, agent.output()
+    assert sorted(s.attributes["db.query.text"] for s in before if "before_restart" in s.attributes["db.query.text"]) \
+        == ["SELECT ? AS before_restart"] * 7
+    assert sorted(s.attributes["db.query.text"] for s in after if "after_restart" in s.attributes["db.query.text"]) \
+        == ["SELECT ? AS after_restart"] * 9
+    assert len(restarts_seen) == 7 + 1 + 9 + 1
+    assert total == 7 + 1 + 9 + 1, "the kernel histogram counts both servers' queries (no other is busy)"
+    assert status["attach_failures"] == 0 and status["events_lost"] == 0

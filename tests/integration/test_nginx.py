@@ -273,6 +273,32 @@ def test_detach_leaves_nginx_serving(nginx, otlp_receiver):
     assert [s.attributes["url.path"] for s in otlp_receiver.spans() if mine(s)] == ["/try/attached"]
 
 
+def test_restarted_nginx_keeps_its_spans_without_restarting_the_agent(nginx, otlp_receiver):
+    """nginx stopped and started again (new master, new workers: `systemctl restart nginx`):
+    requests keep their spans, plain and TLS alike."""
+    agent = AgentProcess("--targets", "nginx", env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.grpc_endpoint})
+    with agent:
+        first_master = nginx.master_pid
+        for i in range(6):
+            one_request(nginx, Sent("GET", f"/try/before-restart-{i}", 200, tls=i % 2 == 1))
+        before = otlp_receiver.wait_for_spans(lambda s: s.resource.get("process.pid") == first_master, 6)
+        new_workers = nginx.restart()
+        assert nginx.master_pid != first_master and new_workers
+        for i in range(8):
+            one_request(nginx, Sent("GET", f"/try/after-restart-{i}", 200, tls=i % 2 == 1))
+        after = otlp_receiver.wait_for_spans(lambda s: s.resource.get("process.pid") == nginx.master_pid, 8)
+        time.sleep(1.0)  # anything extra would arrive now
+        total, _ = final_histogram(otlp_receiver)
+        status = agent.health()[1]
+    assert agent.returncode == 0, agent.output()
+    assert sorted(s.attributes["url.path"] for s in before) == [f"/try/before-restart-{i}" for i in range(6)]
+    assert sorted(s.attributes["url.path"] for s in after) == [f"/try/after-restart-{i}" for i in range(8)]
+    assert [s.attributes["url.scheme"] for s in sorted(after, key=lambda s: s.attributes["url.path"])] \
+        == ["http", "https"] * 4
+    assert total == 6 + 8, "the kernel histogram counts the requests of both nginx masters"
+    assert status["attach_failures"] == 0 and status["events_lost"] == 0
+
+
 def test_http2_streams(nginx, otlp_receiver):
     """HTTP/2 streams run on a fake connection copied from the real one: same client, TLS."""
     curl = require_binary("curl")
