@@ -88,6 +88,20 @@ class ResourceCache:
                 self._checked_at.pop(self._by_pid.popitem(last=False)[0], None)
         return entry
 
+    def forget_exited(self, idle_s: float = 60.0) -> int:
+        """Drop the Resources of processes that exited and were not asked for in `idle_s`
+        (their spans are long exported): short-lived clients would otherwise keep up to
+        MAX_PROCESSES entries. Returns how many were dropped."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [pid for pid in self._by_pid if now - self._checked_at.get(pid, 0.0) > idle_s]
+        gone = [pid for pid in idle if not os.path.exists(f"/proc/{pid}")]
+        with self._lock:
+            for pid in gone:
+                self._by_pid.pop(pid, None)
+                self._checked_at.pop(pid, None)
+        return len(gone)
+
     def _read(self, pid: int, fields: tuple[str, int, int] | None) -> dict[str, object]:
         info = process.proc_info(pid)
         exe_name = os.path.basename(info.exe) if info and info.exe else (fields[0] if fields else "unknown")
@@ -127,7 +141,9 @@ def to_key_values(attrs: dict[str, object]) -> list[KeyValue]:
 
 
 _KV_CACHE: dict[tuple[str, type, object], KeyValue] = {}
-_KV_CACHE_MAX = 8192  # bounded: ports and query shapes are many; a few MB at most
+_KV_CACHE_MAX = 8192  # bounded: query shapes are many; a few MB at most
+# A client's port is new with nearly every connection: caching it would only churn the cache.
+_KV_UNCACHED = frozenset({"client.port", "network.peer.port"})
 
 
 def cached_key_values(attrs: dict[str, object]) -> list[KeyValue]:
@@ -140,7 +156,7 @@ def cached_key_values(attrs: dict[str, object]) -> list[KeyValue]:
     for k, v in attrs.items():
         if v is None:
             continue
-        if isinstance(v, (list, tuple, dict)):
+        if k in _KV_UNCACHED or isinstance(v, (list, tuple, dict)):
             out.append(KeyValue(key=k, value=any_value(v)))
             continue
         key = (k, type(v), v)  # the type keeps True and 1 apart

@@ -165,6 +165,7 @@ class Agent:
                 if time.monotonic() - self._last_scan > self.config.rescan_interval_s:
                     self._last_scan = time.monotonic()
                     self.attach_new()
+                    self.resources.forget_exited()
                 self.stop_event.wait(self.config.drain_interval_ms / 1000.0)
         finally:
             self.shutdown()

@@ -564,19 +564,25 @@ def _analyze_cached(query: str | bytes, dialect: str, max_text: int) -> SqlInfo:
 
 # The cache key of a plain query with its literals already replaced by "?": queries that
 # differ only in their literals (most of them) then share one analysis. Only for texts
-# where this regex and the tokenizer must agree: no comments, no dollar quotes or
-# parameters, no escapes, no prefixed strings (E'..', X'..'), no signed numbers, no
-# MySQL double-quoted strings, nothing but printable ASCII. Anything else goes through
-# the tokenizer whole.
-_FAST_LITERALS = re.compile(rb"'[^']*'|(?<![\w.])\d+(?:\.\d+)?(?:[eE]\d+)?(?![\w.])")
-_FAST_UNSAFE = re.compile(rb"--|/\*|\$|\\|[A-Za-z_&]'|[-+]\s*\d|''|[^\x20-\x7e\t\r\n]")
+# where these regexes and the tokenizer must agree: no comments, no dollar quotes or
+# parameters, no escapes, no prefixed strings (E'..', X'..'), no MySQL double-quoted
+# strings, nothing but printable ASCII (all of which could hide or fake a string's
+# quotes), and outside strings no signed numbers (where the tokenizer decides whether
+# the sign belongs to the number). Anything else goes through the tokenizer whole.
+_FAST_STRINGS = re.compile(rb"'[^']*'")
+_FAST_NUMBERS = re.compile(rb"(?<![\w.])\d+(?:\.\d+)?(?:[eE]\d+)?(?![\w.])")
+_FAST_UNSAFE = re.compile(rb"--|/\*|\$|\\|[A-Za-z_&]'|''|[^\x20-\x7e\t\r\n]")
 _FAST_UNSAFE_MYSQL = re.compile(rb"#|\"")
+_FAST_SIGNED = re.compile(rb"[-+]\s*\d")
 
 
 def _literal_free_key(query: bytes, dialect: str) -> bytes:
     if _FAST_UNSAFE.search(query) or (dialect == "mysql" and _FAST_UNSAFE_MYSQL.search(query)):
         return query
-    return _FAST_LITERALS.sub(b"?", query)
+    without_strings = _FAST_STRINGS.sub(b"?", query)  # 'item-5' is a string, not a signed number
+    if _FAST_SIGNED.search(without_strings):
+        return query
+    return _FAST_NUMBERS.sub(b"?", without_strings)
 
 
 def analyze(query: str | bytes, dialect: str = "postgresql", max_text: int = DEFAULT_MAX_TEXT) -> SqlInfo:

@@ -1,4 +1,5 @@
 import io
+import os
 
 from otel_ebpf.export import ConsoleSink, ResourceCache, trace_request
 from otel_ebpf.metrics import MetricStore
@@ -92,3 +93,34 @@ def test_resource_cache_rechecks_a_pid_for_reuse_at_most_once_a_second(monkeypat
     starts["value"] = 200  # pid 77 is now another process
     clock["now"] += 1.5
     assert cache.proto(77) is not first
+
+
+def test_resources_of_exited_processes_are_forgotten_once_idle(monkeypatch):
+    import subprocess
+    import sys
+
+    from otel_ebpf import export
+
+    clock = {"now": 5000.0}
+    monkeypatch.setattr(export.time, "monotonic", lambda: clock["now"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        cache = ResourceCache()
+        live, exited = cache.proto(os.getpid()), cache.proto(child.pid)
+        assert exited is not live
+    finally:
+        child.kill()
+        child.wait()
+    assert cache.forget_exited(idle_s=60) == 0  # just used: its spans may still be queued
+    assert cache.proto(child.pid) is exited  # an exited process keeps its Resource meanwhile
+    clock["now"] += 61
+    assert cache.forget_exited(idle_s=60) == 1
+    assert cache.proto(os.getpid()) is live
+
+
+def test_client_ports_are_not_kept_in_the_attribute_cache():
+    from otel_ebpf import export
+
+    export._KV_CACHE.clear()
+    export.cached_key_values({"client.port": 40001, "server.port": 5432, "db.system.name": "postgresql"})
+    assert {key[0] for key in export._KV_CACHE} == {"server.port", "db.system.name"}

@@ -356,13 +356,24 @@ def test_cache_returns_same_object() -> None:
     assert analyze(q, "mysql") == analyze(q, "mariadb")
 
 
+def test_strings_with_signs_share_one_cache_entry() -> None:
+    """A '-' or '+' inside a string literal is not a signed number: such queries (names,
+    dates, UUIDs) still differ only in literals."""
+    assert sql._literal_free_key(b"INSERT INTO items (name, price) VALUES ('item-7', 3.5)", "mysql") \
+        == b"INSERT INTO items (name, price) VALUES (?, ?)"
+    assert sql._literal_free_key(b"SELECT 1 - 2", "postgresql") == b"SELECT 1 - 2"  # left to the tokenizer
+    assert sql._literal_free_key(b"SELECT a FROM t WHERE d = '2026-11-30' AND n = -1", "postgresql") \
+        == b"SELECT a FROM t WHERE d = '2026-11-30' AND n = -1"
+
+
 def test_literal_free_cache_key_agrees_with_the_tokenizer() -> None:
     """Plain queries are cached by their text with literals replaced: the result must be
     what the tokenizer gives for the query itself."""
     rnd = random.Random(7)
     words = ["SELECT", "a", "b1", "FROM", "t", "WHERE", "=", "<>", "IN", "(", ")", ",", "AND", "1", "2.5",
-             "'x'", "'secret value'", "42", "1e3", "t.c", "LIMIT", "ORDER BY", "x_2", "0x1F", "TRUE", "NULL"]
-    for _ in range(3000):
+             "'x'", "'secret value'", "42", "1e3", "t.c", "LIMIT", "ORDER BY", "x_2", "0x1F", "TRUE", "NULL",
+             "-", "+", "-3", "+ 4", "x-1", "'item-5'", "'a + 1'", "'-'"]
+    for _ in range(6000):
         text = " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 14)))
         for dialect in DIALECTS:
             assert analyze(text.encode(), dialect) == sql._analyze(text, dialect, 4096), text
