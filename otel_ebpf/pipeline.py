@@ -342,8 +342,8 @@ class Agent:
 
     def check_span_rate(self) -> None:
         """Called from the drain loop a few times a second: the limit reacts to a burst quickly."""
-        if not self.config.max_spans_per_second:
-            return
+        if not self.config.max_spans_per_second or time.monotonic() - self._ops_seen[1] < RATE_WINDOW_S:
+            return  # the per-CPU counters are read once a window, not on every drain
         operations = 0
         for unit in list(self.units.values()):
             if unit.program is not None and unit.target.kernel_histograms:
