@@ -31,6 +31,13 @@ EXPIRY_INTERVAL_S = 5.0  # how often in-flight starts of vanished threads are dr
 RATE_WINDOW_S = 0.25  # the span rate limit looks at the operation rate this often
 
 
+def span_interval_ns(max_spans_per_second: int) -> int:
+    """The kernel's span budget per target (probes/common.h within_budget): one span every
+    this many ns beyond bursts; 0 = no budget. The agent's adaptive ratio shares the limit
+    between operations evenly; the budget caps a burst before that ratio has seen it."""
+    return 1_000_000_000 // max_spans_per_second if max_spans_per_second > 0 else 0
+
+
 def mono_to_epoch_offset() -> int:
     """Nanoseconds to add to CLOCK_MONOTONIC (bpf_ktime_get_ns) to get Unix time."""
     best = None
@@ -110,7 +117,8 @@ class Agent:
                 unit.notes = plan.notes
                 cflags = [*plan.cflags, f"-DRINGBUF_PAGES={self.config.ringbuf_pages}",
                           f"-DSAMPLE_PERMILLE={round(self.config.sample_ratio * 1000)}",
-                          f"-DSLOW_NS={int(self.config.slow_threshold_ms * 1_000_000)}ULL"]
+                          f"-DSLOW_NS={int(self.config.slow_threshold_ms * 1_000_000)}ULL",
+                          f"-DSPAN_INTERVAL_NS={span_interval_ns(self.config.max_spans_per_second)}ULL"]
                 program = bpf.compile_program(f"{target.name}:{path}", target.c_file, cflags)
                 unit.program = program
                 if target.kernel_histograms:

@@ -76,14 +76,40 @@ static __always_inline u32 duration_bucket(u64 ns)
     return 14;
 }
 
-/* Whether a finished operation goes to the ring buffer as a span. `permille` is
- * the current ratio: SAMPLE_PERMILLE, or lower while the agent sheds load above its
- * span rate limit (the `sampling` array, see SAMPLING_DEFINITIONS in the C files). */
-static __always_inline int sample_keep(u64 duration_ns, int failed, u32 permille)
+/* The span budget (max_spans_per_second) as a GCRA, "virtual scheduling": `*due` is when
+ * the next span is due; a span fits while that is at most SPAN_BURST_NS ahead of now, and
+ * pushes it SPAN_INTERVAL_NS (1 s / the limit) later. It caps a burst at once, where the
+ * agent's adaptive ratio (below) needs a quarter of a second to see it. Two CPUs racing
+ * may let one extra span through. SPAN_INTERVAL_NS 0: no budget. */
+#ifndef SPAN_INTERVAL_NS
+#define SPAN_INTERVAL_NS 0ULL
+#endif
+#ifndef SPAN_BURST_NS
+#define SPAN_BURST_NS 100000000ULL
+#endif
+
+static __always_inline int within_budget(u64 *due, u64 now)
 {
-    if (permille >= 1000 || failed || duration_ns >= SLOW_NS)
+    if (SPAN_INTERVAL_NS == 0 || !due)
         return 1;
-    return bpf_get_prandom_u32() % 1000 < permille;
+    u64 next = *due;
+    if (next > now + SPAN_BURST_NS)
+        return 0;
+    *due = (next > now ? next : now) + SPAN_INTERVAL_NS;
+    return 1;
+}
+
+/* Whether a finished operation goes to the ring buffer as a span: failed and slow ones
+ * always; the rest with the current ratio `permille` (SAMPLE_PERMILLE, or lower while the
+ * agent sheds load above its span rate limit: the `sampling` array of the C files), then
+ * within the span budget (`due`: the C file's `span_budget` array). */
+static __always_inline int sample_keep(u64 now, u64 duration_ns, int failed, u32 permille, u64 *due)
+{
+    if (failed || duration_ns >= SLOW_NS)
+        return 1;
+    if (permille < 1000 && bpf_get_prandom_u32() % 1000 >= permille)
+        return 0;
+    return within_budget(due, now);
 }
 
 /* SQL statement kind from the first keyword, for low-cardinality metric keys.

@@ -104,6 +104,14 @@ BPF_PERCPU_ARRAY(scratch, struct mysql_event, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 BPF_ARRAY(sampling, u32, 1);
+BPF_ARRAY(span_budget, u64, 1);
+
+/* When the next span is due under the span budget (see within_budget() in common.h). */
+static __always_inline u64 *span_budget_due(void)
+{
+    int zero = 0;
+    return span_budget.lookup(&zero);
+}
 
 /* The sampling ratio in force (per mille): the agent lowers it above its span rate
  * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
@@ -184,7 +192,7 @@ static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int fa
     u64 duration = ev->end_ns - ev->start_ns;
     hist_record(hist_dim(ev, failed), duration);
     stat_inc(STAT_OPERATIONS);
-    if (sample_keep(duration, failed, sampling_permille())) {
+    if (sample_keep(ev->end_ns, duration, failed, sampling_permille(), span_budget_due())) {
         u32 copied = ev->copied;
         u32 size = offsetof(struct mysql_event, query) + (copied & (QUERY_MAX - 1));
         if (copied >= QUERY_MAX)

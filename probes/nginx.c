@@ -139,6 +139,14 @@ BPF_PERCPU_ARRAY(scratch, struct scratch_space, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 BPF_ARRAY(sampling, u32, 1);
+BPF_ARRAY(span_budget, u64, 1);
+
+/* When the next span is due under the span budget (see within_budget() in common.h). */
+static __always_inline u64 *span_budget_due(void)
+{
+    int zero = 0;
+    return span_budget.lookup(&zero);
+}
 
 /* The sampling ratio in force (per mille): the agent lowers it above its span rate
  * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
@@ -363,7 +371,7 @@ int on_request_end(struct pt_regs *ctx)
 
     record_duration(hist_dim(ev), duration);
     stat_inc(STAT_OPERATIONS);
-    if (!sample_keep(duration, ev->status >= 500, sampling_permille())) {
+    if (!sample_keep(end, duration, ev->status >= 500, sampling_permille(), span_budget_due())) {
         stat_inc(STAT_SAMPLED_OUT);
         return 0;
     }

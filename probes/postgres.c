@@ -52,6 +52,14 @@ BPF_PERCPU_ARRAY(scratch, struct pg_event, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 BPF_ARRAY(sampling, u32, 1);
+BPF_ARRAY(span_budget, u64, 1);
+
+/* When the next span is due under the span budget (see within_budget() in common.h). */
+static __always_inline u64 *span_budget_due(void)
+{
+    int zero = 0;
+    return span_budget.lookup(&zero);
+}
 
 /* The sampling ratio in force (per mille): the agent lowers it above its span rate
  * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
@@ -134,7 +142,7 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
     int keep = 1;
     if (kind == KIND_DONE && !entry->aborted) {
         hist_record(entry->operation, 0, 0, duration);
-        keep = sample_keep(duration, 0, sampling_permille());
+        keep = sample_keep(now, duration, 0, sampling_permille(), span_budget_due());
     } else if (kind == KIND_DONE) {
         hist_record(entry->operation, 0, 0, duration); /* a ROLLBACK: its abort was no error */
     } else if (kind == KIND_ABORT) {

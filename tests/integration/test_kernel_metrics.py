@@ -82,6 +82,30 @@ def test_full_ring_buffer_loses_spans_but_not_counts(pg, otlp_receiver, tmp_path
     assert otlp_receiver.db_duration_counts("postgresql") == {("SELECT", None): queries}
 
 
+def test_span_budget_caps_a_burst_at_once(pg, otlp_receiver):
+    """A burst right after start, before the agent's adaptive ratio has measured it: the
+    kernel's span budget (1 s / --max-spans-per-second per span, 0.1 s of burst) caps it at
+    once. Slow and failed operations pass regardless; the histograms count everything."""
+    limit = 100
+    agent = AgentProcess("--targets", "postgres", "--max-spans-per-second", str(limit), "--slow-threshold-ms",
+                         "150", env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.grpc_endpoint})
+    with agent:
+        t0 = time.monotonic()
+        send(pg, 3000, 0, 0)
+        burst_s = time.monotonic() - t0
+        send(pg, 0, 2, 3)
+        time.sleep(1.5)
+        status = agent.health()[1]
+    spans = [s for s in otlp_receiver.spans() if s.resource.get("process.pid") == pg.pid]
+    fast = [s for s in spans if s.status_code != 2 and s.duration_s < 0.15]
+    assert len([s for s in spans if s.status_code == 2]) == 3
+    assert len([s for s in spans if s.duration_s >= 0.2]) == 2
+    # one span per 10 ms of the burst, plus 0.1 s worth of burst, plus a few CPU races
+    assert 0 < len(fast) <= limit * (burst_s + 0.1) + 5, (len(fast), burst_s)
+    assert otlp_receiver.db_duration_counts("postgresql") == {("SELECT", None): 3000 + 2, ("SELECT", "42P01"): 3}
+    assert status["events_lost"] == 0
+
+
 def test_span_rate_limit_sheds_load_but_counts_everything(pg, otlp_receiver):
     """Above --max-spans-per-second the kernel samples down; slow and failed operations are
     still all kept and the histograms still count every query."""
