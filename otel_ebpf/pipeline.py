@@ -29,6 +29,16 @@ from .targets.base import (
 log = logging.getLogger(__name__)
 EXPIRY_INTERVAL_S = 5.0  # how often in-flight starts of vanished threads are dropped
 RATE_WINDOW_S = 0.25  # the span rate limit looks at the operation rate this often
+IDLE_DRAIN_S = 0.1  # the longest wait between drains while nothing comes
+
+
+def next_drain_wait(records: int, wait_s: float, busy_wait_s: float) -> float:
+    """Seconds until the next drain: `busy_wait_s` while records come; after a drain that
+    found none the wait doubles, up to IDLE_DRAIN_S (an idle agent wakes less often; the
+    ring buffer holds that long at thousands of records/s)."""
+    if records:
+        return busy_wait_s
+    return min(wait_s * 2, max(IDLE_DRAIN_S, busy_wait_s))
 
 
 def span_interval_ns(max_spans_per_second: int) -> int:
@@ -167,23 +177,29 @@ class Agent:
         """Drain until stop_event is set, then shut down cleanly."""
         self.start()
         try:
+            busy_wait_s = self.config.drain_interval_ms / 1000.0
+            wait_s = busy_wait_s
             while not self.stop_event.is_set():
-                self.poll_once()
+                records = self.poll_once()
                 self.check_span_rate()
                 if time.monotonic() - self._last_scan > self.config.rescan_interval_s:
                     self._last_scan = time.monotonic()
                     self.attach_new()
                     self.resources.forget_exited()
-                self.stop_event.wait(self.config.drain_interval_ms / 1000.0)
+                wait_s = next_drain_wait(records, wait_s, busy_wait_s)
+                self.stop_event.wait(wait_s)
         finally:
             self.shutdown()
 
     def poll_once(self, final: bool = False) -> int:
+        """Drain every ring buffer, decode, account; returns the records drained."""
+        records = 0
         spans: list[SpanData] = []
         for unit in list(self.units.values()):
             if unit.program is None:
                 continue
             raws = unit.program.drain()
+            records += len(raws)
             if raws:
                 # What one drain found is a lower bound of how full the ring buffer got.
                 fill = (sum(len(r) for r in raws) + 8 * len(raws)) / (self.config.ringbuf_pages * 4096)
@@ -197,7 +213,7 @@ class Agent:
             spans.extend(target.flush(time.monotonic_ns(), self.ctx, final=final))
         if spans:
             self._account(spans)
-        return len(spans)
+        return records
 
     def _account(self, spans: list[SpanData]) -> None:
         """Metrics for every operation, then sampling, then the export queue."""
