@@ -614,6 +614,18 @@ class CaseRuns:
     company_cmds: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
 
+    def add(self, rate: float, operations: int, server_cpu_s: float, tool_cores: float, others: list[str],
+            noise: str | None) -> None:
+        """One run: its rate, the server's CPU per operation, the tool's cores, the other eBPF
+        tools that probed the target meanwhile, and what else loaded the machine."""
+        self.rates.append(rate)
+        self.company.append(bool(others))
+        self.company_cmds.update(others)
+        self.cpu_us.append(server_cpu_s / max(operations, 1) * 1e6)
+        self.tool_cores.append(tool_cores)
+        if noise:
+            self.notes.append(noise)
+
 
 def run_interleaved(cases: list[str], repeats: int, run_one, label: str, unit: str, log=print) -> dict[str, CaseRuns]:
     """Run every case `repeats` times, interleaved, the order rotated each repeat (drift hits all alike)."""

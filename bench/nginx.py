@@ -142,15 +142,9 @@ def run_case(case: str, server, path: str, points, duration: float, receiver: Co
         bench_cores = (cpu_seconds(os.getpid()) - bench0) / wall
         other, tracers = watch.stop()
         others += foreign_tracers("nginx")
-        runs.rates.append(result.rps)
-        runs.company.append(bool(others))
-        runs.company_cmds.update(others)
-        runs.cpu_us.append(worker_cpu / max(result.requests, 1) * 1e6)
-        runs.tool_cores.append(tool_cores)
         if result.errors:
             runs.notes.append(f"wrk: {result.errors}")
-        if note := noise_note(other, tracers):
-            runs.notes.append(note)
+        runs.add(result.rps, result.requests, worker_cpu, tool_cores, others, noise_note(other, tracers))
         if bt is not None:
             out = bt.stop()
             if case == BPFTRACE_DURATIONS:

@@ -172,13 +172,7 @@ def run_case(case: str, cluster: PgCluster, duration: float, receiver: CountingR
         bench_cores = (cpu_seconds(os.getpid()) - bench0) / wall
         other, tracers = watch.stop()
         others += foreign_tracers("postgres")
-        runs.rates.append(result.tps)
-        runs.company.append(bool(others))
-        runs.company_cmds.update(others)
-        runs.cpu_us.append(server_cpu / max(result.transactions, 1) * 1e6)
-        runs.tool_cores.append(tool_cores)
-        if note := noise_note(other, tracers):
-            runs.notes.append(note)
+        runs.add(result.tps, result.transactions, server_cpu, tool_cores, others, noise_note(other, tracers))
         if bt is not None:
             out = bt.stop()
             seen = Bpftrace.scalar(out, "n")
