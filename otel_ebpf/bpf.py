@@ -258,15 +258,13 @@ def trim_heap() -> None:
 
 
 def release_compiler_memory(maps_path: str = "/proc/self/maps") -> int:
-    """Give back to the system what compiling left resident; returns the bytes of compiler
-    pages handed back.
+    """Give back to the system the compiler pages compiling left resident (compile_program
+    already trimmed the heap after each compile); returns the bytes handed back.
 
-    glibc keeps the heap clang/LLVM freed (tens of MB per program) unless trimmed, and the
-    pages of libLLVM/libclang the compiler touched stay in the agent's RSS. MADV_PAGEOUT
+    The pages of libLLVM/libclang the compiler touched stay in the agent's RSS. MADV_PAGEOUT
     reclaims those (clean, file-backed: they come back from the file should bcc compile
     again); on kernels without it, MADV_DONTNEED does the same for executable mappings,
     which are never written."""
-    trim_heap()
     try:
         libc = ct.CDLL("libc.so.6", use_errno=True)
     except OSError:

@@ -383,10 +383,8 @@ class Agent:
         The watched server pays the probes either way; what the limit bounds is the agent's
         own CPU (decoding and exporting spans), which on a busy host competes with the
         server. Slow and failed operations are always kept and the histograms stay exact."""
-        previous, since = self._ops_seen
+        previous, since = self._ops_seen  # check_span_rate calls once a window has passed
         now = time.monotonic()
-        if now - since < RATE_WINDOW_S:
-            return
         self._ops_seen = (operations, now)
         base = round(self.config.sample_ratio * 1000)
         limit = self.config.max_spans_per_second
