@@ -497,6 +497,23 @@ def prometheus_sum(text: str, metric: str, **labels: str) -> float:
 
 # --- bpftrace ----------------------------------------------------------------------------------
 
+def collect_lines(proc: subprocess.Popen, lines: list[str], ready_prefix: str) -> threading.Event:
+    """Append `proc`'s output lines to `lines` from a thread; the event is set by the first
+    line starting with `ready_prefix` (the tool says it is attached), or when output ends."""
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(ready_prefix):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return ready
+
+
 class Bpftrace:
     """bpftrace with a script; ready once it printed "Attaching N probes" (+ a short settle)."""
 
@@ -507,20 +524,11 @@ class Bpftrace:
             fh.write(script)
         self.proc: subprocess.Popen | None = None
         self._lines: list[str] = []
-        self._attached = threading.Event()
-
-    def _reader(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.append(line)
-            if line.startswith("Attaching"):
-                self._attached.set()
-        self._attached.set()
 
     def start(self, timeout: float = 30.0) -> "Bpftrace":
         self.proc = spawn([self.bin, self.script_path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._reader, daemon=True).start()
-        if not self._attached.wait(timeout) or self.proc.poll() is not None:
+        attached = collect_lines(self.proc, self._lines, "Attaching")
+        if not attached.wait(timeout) or self.proc.poll() is not None:
             out = "".join(self._lines)
             self.stop()
             raise BenchError(f"bpftrace did not attach: {out[-800:]}")

@@ -16,14 +16,13 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 
 from .common import (
     AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, Check, CountingReceiver, MachineWatch, QuietWait,
-    Table, agent_cases, agent_variant_note, children_of, cpu_seconds, fmt_ratio, foreign_tracers, noise_note,
-    require_tool, run, run_interleaved, spawn, stop, throughput_rows, tree_cpu_seconds,
+    Table, agent_cases, agent_variant_note, children_of, collect_lines, cpu_seconds, fmt_ratio, foreign_tracers,
+    noise_note, require_tool, run, run_interleaved, spawn, stop, throughput_rows, tree_cpu_seconds,
 )
 from otel_ebpf.servers.postgres import PostgresServer
 
@@ -108,21 +107,12 @@ class Dbslower:
         self.argv = [self.bin, "postgres", "-p", *map(str, pids), "-m", str(threshold_ms)]
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
-        self._ready = threading.Event()
-
-    def _reader(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("TIME(s)"):
-                self._ready.set()
-        self._ready.set()
 
     def start(self, timeout: float = 60.0) -> "Dbslower":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its prints go to a pipe
         self.proc = spawn(self.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._reader, daemon=True).start()
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+        ready = collect_lines(self.proc, self.lines, "TIME(s)")
+        if not ready.wait(timeout) or self.proc.poll() is not None:
             out = "".join(self.lines)
             self.stop()
             raise BenchError(f"dbslower-bpfcc did not start: {out[-800:]}")
