@@ -140,7 +140,8 @@ def capacity_phases(cluster: PgCluster, duration: float, log) -> Table:
         table.notes.append(f"every span: `--max-spans-per-second 0`; defaults: the agent's default span rate limit "
                            f"({limit:,}/s: above it the kernel samples spans down, histograms stay exact)")
     table.notes.append("CPU % is of one core, over the pgbench run plus the time to drain the export queue; "
-                       "CPU per span includes the agent's fixed costs (drain loop every 20 ms while records come, health, metrics)")
+                       "CPU per span includes the agent's fixed costs (drain loop every 20 ms while records come, "
+                       "health, metrics)")
     main = runs[0][0]
     measured = {name: d for (variant, name), d in results.items() if variant == main}
     for (variant, name), d in results.items():

@@ -635,6 +635,16 @@ class CaseRuns:
             self.notes.append(noise)
 
 
+def floor_checks(table: "Table", ratios: dict[str, float], labels: dict[str, str], expected: str) -> None:
+    """A check per agent case (`labels`: case -> check label): its ratio at least bpftrace's − 0.01."""
+    b = ratios["bpftrace"]
+    for case, label in labels.items():
+        if case in ratios:
+            a = ratios[case]
+            table.checks.append(Check(label, f"{fmt_ratio(a)} (bpftrace {fmt_ratio(b)})", expected,
+                                      None if a != a or b != b else a >= b - 0.01))
+
+
 def run_interleaved(cases: list[str], repeats: int, run_one, label: str, unit: str, log=print) -> dict[str, CaseRuns]:
     """Run every case `repeats` times, interleaved, the order rotated each repeat (drift hits all alike)."""
     runs = {c: CaseRuns(c) for c in cases}

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from .common import (
     AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, Check, CountingReceiver, MachineWatch, QuietWait,
-    Table, agent_cases, agent_variant_note, cpu_seconds, fmt_ratio, foreign_tracers, noise_note, require_tool,
-    run, run_interleaved, throughput_rows,
+    Table, agent_cases, agent_variant_note, cpu_seconds, floor_checks, fmt_ratio, foreign_tracers, noise_note,
+    require_tool, run, run_interleaved, throughput_rows,
 )
 
 WORKERS = 1
@@ -205,17 +205,14 @@ def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[T
             case, server, path, points, duration, receiver, cr, log), "nginx", "req/s", log)
         ratios = throughput_rows(table, runs, "nginx", "worker CPU per request")
         table.notes.insert(1, agent_variant_note())
-        b = ratios["bpftrace"]
-        for case, label in (("agent (defaults)", "nginx ratio with the agent (defaults)"),
-                            ("agent, every span", "nginx ratio with the agent, every request a span")):
-            if case in ratios:
-                a = ratios[case]
-                table.checks.append(Check(label, f"{fmt_ratio(a)} (bpftrace {fmt_ratio(b)})",
-                                          "≥ bpftrace floor ratio − 0.01", None if a != a or b != b else a >= b - 0.01))
+        floor_checks(table, ratios, {"agent (defaults)": "nginx ratio with the agent (defaults)",
+                                     "agent, every span": "nginx ratio with the agent, every request a span"},
+                     "≥ bpftrace floor ratio − 0.01")
         if BPFTRACE_DURATIONS in ratios and "agent, spans off" in ratios:
             table.notes.append(f"{BPFTRACE_DURATIONS}: bpftrace pairing the two probes per request into a "
                                f"histogram, the least a latency tool does there: ratio "
-                               f"{fmt_ratio(ratios[BPFTRACE_DURATIONS])}, against {fmt_ratio(ratios['agent, spans off'])} "
+                               f"{fmt_ratio(ratios[BPFTRACE_DURATIONS])}, against "
+                               f"{fmt_ratio(ratios['agent, spans off'])} "
                                f"for the agent's kernel side alone (spans off)")
     finally:
         receiver.stop()

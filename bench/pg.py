@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 
 from .common import (
-    AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, Check, CountingReceiver, MachineWatch, QuietWait,
-    Table, agent_cases, agent_variant_note, children_of, collect_lines, cpu_seconds, fmt_ratio, foreign_tracers,
+    AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, CountingReceiver, MachineWatch, QuietWait, Table,
+    agent_cases, agent_variant_note, children_of, collect_lines, cpu_seconds, floor_checks, foreign_tracers,
     noise_note, require_tool, run, run_interleaved, spawn, stop, throughput_rows, tree_cpu_seconds,
 )
 from otel_ebpf.servers.postgres import PostgresServer
@@ -255,13 +255,9 @@ def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[T
         except (BenchError, OSError) as exc:
             table.notes.append(f"dbslower coverage check failed: {explain(str(exc))}")
         table.notes.insert(0, agent_variant_note())
-        b = ratios["bpftrace"]
-        for case, label in (("agent (defaults)", "pgbench -S ratio with the agent (defaults)"),
-                            ("agent, every span", "pgbench -S ratio with the agent, every query a span")):
-            if case in ratios:
-                a = ratios[case]
-                table.checks.append(Check(label, f"{fmt_ratio(a)} (bpftrace {fmt_ratio(b)})",
-                                          "≥ bpftrace ratio − 0.01", None if a != a or b != b else a >= b - 0.01))
+        floor_checks(table, ratios, {"agent (defaults)": "pgbench -S ratio with the agent (defaults)",
+                                     "agent, every span": "pgbench -S ratio with the agent, every query a span"},
+                     "≥ bpftrace ratio − 0.01")
     finally:
         receiver.stop()
         cluster.stop()

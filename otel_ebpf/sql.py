@@ -165,7 +165,7 @@ def _tokenize(s: str, mysql: bool) -> tuple[list[str], list[tuple[int, str]]]:
         prev_val = val
 
     def bracket(c: str) -> None:
-        nonlocal space, recording, prev_kind, prev_val
+        nonlocal space, prev_kind, prev_val
         piece = " " + c if (space and out) else c
         space = False
         if c == "(" or c == "[":
