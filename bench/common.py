@@ -635,6 +635,17 @@ class CaseRuns:
             self.notes.append(noise)
 
 
+def agent_run_note(before: dict, after: dict, operations: str, bench_cores: float) -> str:
+    """What the agent did in one run, from its /healthz before and after (drained):
+    `operations` says what the load generator counted, e.g. "509,739 requests"."""
+    def delta(key: str) -> int:
+        return after.get(key, 0) - before.get(key, 0)
+
+    return (f"{delta('events_seen'):,} spans from the kernel for {operations}, {delta('spans_sampled_out'):,} "
+            f"sampled out, {delta('events_lost'):,} lost in the ring buffer, {delta('spans_dropped'):,} dropped; "
+            f"the OTLP receiver (in the bench process) used {bench_cores:.2f} cores")
+
+
 def floor_checks(table: "Table", ratios: dict[str, float], labels: dict[str, str], expected: str) -> None:
     """A check per agent case (`labels`: case -> check label): its ratio at least bpftrace's − 0.01."""
     b = ratios["bpftrace"]

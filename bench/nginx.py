@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from .common import (
     AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, Check, CountingReceiver, MachineWatch, QuietWait,
-    Table, agent_cases, agent_variant_note, cpu_seconds, floor_checks, fmt_ratio, foreign_tracers, noise_note,
-    require_tool, run, run_interleaved, throughput_rows,
+    Table, agent_cases, agent_run_note, agent_variant_note, cpu_seconds, floor_checks, fmt_ratio, foreign_tracers,
+    noise_note, require_tool, run, run_interleaved, throughput_rows,
 )
 
 WORKERS = 1
@@ -154,14 +154,8 @@ def run_case(case: str, server, path: str, points, duration: float, receiver: Co
                 counts = [Bpftrace.scalar(out, f"p{i}") for i in range(len(points))]
                 runs.notes.append(f"bpftrace hits per probe {counts} for {result.requests:,} requests (wrk)")
         if agent is not None:
-            status = agent.wait_drained()
-            seen = status["events_seen"] - before["events_seen"]
-            lost = status["events_lost"] - before["events_lost"]
-            sampled = status.get("spans_sampled_out", 0) - before.get("spans_sampled_out", 0)
-            dropped = status["spans_dropped"] - before["spans_dropped"]
-            runs.notes.append(f"{seen:,} spans from the kernel for {result.requests:,} requests, {sampled:,} sampled "
-                              f"out, {lost:,} lost in the ring buffer, {dropped:,} dropped; the OTLP receiver (in the "
-                              f"bench process) used {bench_cores:.2f} cores")
+            runs.notes.append(agent_run_note(before, agent.wait_drained(), f"{result.requests:,} requests",
+                                             bench_cores))
     except BenchError as exc:
         runs.notes.append(f"run failed: {exc}")
     finally:

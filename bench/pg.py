@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from .common import (
     AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, CountingReceiver, MachineWatch, QuietWait, Table,
-    agent_cases, agent_variant_note, children_of, collect_lines, cpu_seconds, floor_checks, foreign_tracers,
-    noise_note, require_tool, run, run_interleaved, spawn, stop, throughput_rows, tree_cpu_seconds,
+    agent_cases, agent_run_note, agent_variant_note, children_of, collect_lines, cpu_seconds, floor_checks,
+    foreign_tracers, noise_note, require_tool, run, run_interleaved, spawn, stop, throughput_rows, tree_cpu_seconds,
 )
 from otel_ebpf.servers.postgres import PostgresServer
 
@@ -169,14 +169,8 @@ def run_case(case: str, cluster: PgCluster, duration: float, receiver: CountingR
             runs.notes.append(f"bpftrace counted {seen if seen is not None else '?'} of "
                               f"{result.transactions:,} transactions")
         if agent is not None:
-            status = agent.wait_drained()
-            seen = status["events_seen"] - before["events_seen"]
-            lost = status["events_lost"] - before["events_lost"]
-            sampled = status.get("spans_sampled_out", 0) - before.get("spans_sampled_out", 0)
-            runs.notes.append(f"{seen:,} spans from the kernel for {result.transactions:,} transactions, "
-                              f"{sampled:,} sampled out, {lost:,} lost in the ring buffer, "
-                              f"{status['spans_dropped'] - before['spans_dropped']:,} dropped; the OTLP receiver "
-                              f"(in the bench process) used {bench_cores:.2f} cores")
+            runs.notes.append(agent_run_note(before, agent.wait_drained(), f"{result.transactions:,} transactions",
+                                             bench_cores))
         if dbs is not None:
             lines = dbs.stop()
             runs.notes.append(f"dbslower reported {len(lines)} queries (-m 1000)")
