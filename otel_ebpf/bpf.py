@@ -168,6 +168,14 @@ class Program:
         table = self.bpf[map_name]  # type: ignore[index]
         table[table.Key(index)] = table.Leaf(value)
 
+    def set_hash_value(self, map_name: str, key: int, value: int) -> None:
+        table = self.bpf[map_name]  # type: ignore[index]
+        table[table.Key(key)] = table.Leaf(value)
+
+    def key(self, map_name: str, value: int) -> object:
+        table = self.bpf[map_name]  # type: ignore[index]
+        return table.Key(value)
+
     def table_delete(self, map_name: str, keys: list[object]) -> int:
         table = self.bpf[map_name]  # type: ignore[index]
         deleted = 0
@@ -225,16 +233,44 @@ def remove_stale_events(tracefs: str = "/sys/kernel/tracing") -> int:
     return removed
 
 
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+def source_text(c_file: str, directory: str | None = None) -> str:
+    """The probe file with its local ("...") includes inlined, once each, as one text.
+
+    bcc rewrites map calls only in the text it is given, not in headers it includes on
+    its own: inlined, the shared prelude (probes/common.h) can hold the maps and the
+    helpers that use them once for every target. System includes (<...>) stay."""
+    directory = directory or probes_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        path = os.path.join(directory, name)
+        if os.path.normpath(path) != path or os.path.dirname(path) != os.path.normpath(directory):
+            raise BpfError(f"{c_file}: include {name!r} is outside {directory}")
+        if name in seen:
+            return f"/* {name}: already included */\n"
+        seen.add(name)
+        check_source_safe(path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise BpfError(f"{c_file}: cannot read {name}: {exc.strerror}") from exc
+        return _LOCAL_INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(c_file)
+
+
 def compile_program(name: str, c_file: str, cflags: list[str]) -> Program:
     """Compile one of the shipped probe files with its -D constants."""
     if bcc is None:
         raise BpfError(f"bcc is not importable ({BCC_IMPORT_ERROR}); install python3-bpfcc")
-    directory = probes_dir()
-    path = os.path.join(directory, c_file)
-    check_source_safe(path)
-    flags = [f"-I{directory}", "-Wno-unused-function", "-Wno-unused-variable", *cflags]
+    text = source_text(c_file)
+    flags = ["-Wno-unused-function", "-Wno-unused-variable", *cflags]
     try:
-        b = bcc.BPF(src_file=path.encode(), cflags=flags)
+        b = bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as exc:
         raise BpfError(f"compiling {c_file} for {name}: {exc}") from exc
     finally:

@@ -7,30 +7,22 @@ import signal
 import sys
 
 from . import __version__
-from .config import KNOWN_TARGETS, Config, ConfigError, load
+from .config import SETTINGS, Config, ConfigError, load, parse_binaries
 
 EXIT_CONFIG = 2
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (keys as in the README)")
-    p.add_argument("--targets", help=f"comma-separated subset of: {', '.join(KNOWN_TARGETS)}")
-    p.add_argument("--output", help="console | otlp | jsonl:PATH (default: otlp when "
-                                      "OTEL_EXPORTER_OTLP_ENDPOINT is set, else console)")
-    p.add_argument("--health-addr", dest="health_addr", help="HOST:PORT for GET /healthz (default 127.0.0.1:9464)")
-    p.add_argument("--prometheus-addr", dest="prometheus_addr", help="HOST:PORT serving /metrics (default off)")
-    p.add_argument("--binary", action="append", metavar="TARGET=PATH",
-                   help="also attach TARGET to this binary (repeatable)")
-    p.add_argument("--query-max-bytes", dest="query_max_bytes", type=int)
-    p.add_argument("--tls-capture-bytes", dest="tls_capture_bytes", type=int,
-                   help="plaintext bytes copied per SSL_read/SSL_write (power of two, 64-16384)")
-    p.add_argument("--slow-threshold-ms", dest="slow_threshold_ms", type=float)
-    p.add_argument("--sample-ratio", dest="sample_ratio", type=float)
-    p.add_argument("--max-spans-per-second", dest="max_spans_per_second", type=int,
-                   help="above this rate, sample down (metrics stay exact; 0 = no limit; default 1000)")
-    p.add_argument("--capture-raw-query", dest="capture_raw_query", action="store_const", const=True,
-                   help="export query text WITH its literals (may expose secrets)")
-    p.add_argument("--log-level", dest="log_level")
+    group = p.add_argument_group("settings (each also a config file key and an OTEL_EBPF_<KEY> variable)")
+    for s in SETTINGS:
+        if s.key == "binaries":
+            group.add_argument("--binary", action="append", metavar="TARGET=PATH",
+                               help=f"{s.help} [{s.env}=TARGET=PATH,...]")
+        elif s.key in ("capture_raw_query", "sdk_disabled"):
+            group.add_argument(s.option, dest=s.key, action="store_const", const=True, help=f"{s.help} [{s.env}]")
+        else:
+            group.add_argument(s.option, dest=s.key, metavar=s.metavar or None, help=f"{s.help} [{s.env}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="attach to the targets on this host and export")
     _add_run_options(run)
     doctor = sub.add_parser("doctor", help="check that this host can run the agent, and what it would watch")
+    doctor.add_argument("--timings", action="store_true", help="plan, compile and attach each binary, timed")
     _add_run_options(doctor)
     lst = sub.add_parser("list", help="USDT probes of a binary, or the targets run would attach to")
     lst.add_argument("path", nargs="?", metavar="BINARY")
@@ -52,17 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cli = {k: getattr(args, k, None) for k in (
-        "targets", "output", "health_addr", "prometheus_addr", "query_max_bytes", "tls_capture_bytes",
-        "slow_threshold_ms", "sample_ratio", "max_spans_per_second", "capture_raw_query", "log_level")}
-    binaries: dict[str, list[str]] = {}
-    for item in getattr(args, "binary", None) or []:
-        target, sep, path = item.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"--binary {item!r}: expected TARGET=PATH")
-        binaries.setdefault(target, []).append(path)
-    if binaries:
-        cli["binaries"] = binaries
+    cli = {s.key: getattr(args, s.key, None) for s in SETTINGS if s.key != "binaries"}
+    items = getattr(args, "binary", None) or []
+    if items:
+        cli["binaries"] = parse_binaries(items, "--binary")
     return load(cli, getattr(args, "config", None))
 
 
@@ -82,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(config)
     if args.command == "doctor":
         from .doctor import run_doctor
-        return run_doctor(config)
+        return run_doctor(config, timings=args.timings)
     if args.command == "list":
         return cmd_list(config, args.path)
     return 1
@@ -90,16 +76,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(config: Config) -> int:
     from .doctor import fatal_problems
-    problems = fatal_problems()
+    problems = [] if config.sdk_disabled else fatal_problems()
     if problems:
         for p in problems:
             print(f"otel-ebpf: cannot run: {p}", file=sys.stderr)
-        print("otel-ebpf: `otel-ebpf doctor` explains; `make setup` installs what is missing", file=sys.stderr)
+        print("otel-ebpf: `otel-ebpf doctor` explains what is missing and how to get it", file=sys.stderr)
         return 1
-    from .pipeline import Agent
+    from .agent import Agent
+    from .usdt_catalog import CatalogError
     try:
         agent = Agent(config)
-    except ValueError as exc:  # e.g. a bad OTEL_EXPORTER_OTLP_PROTOCOL
+    except (ValueError, CatalogError) as exc:  # e.g. a bad OTEL_EXPORTER_OTLP_PROTOCOL or catalog file
         print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
@@ -111,6 +98,9 @@ def cmd_run(config: Config) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         agent.run()
+    except CatalogError as exc:  # a catalog entry that does not fit a binary on this host
+        print(f"otel-ebpf: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:  # e.g. the health port is taken
         print(f"otel-ebpf: {exc}", file=sys.stderr)
         return 1
@@ -131,9 +121,10 @@ def cmd_list(config: Config, binary: str | None) -> int:
             sem = f" semaphore={p.semaphore_offset:#x}" if p.semaphore else ""
             print(f"usdt:{binary}:{p.provider}:{p.name}  [{p.arg_string}]{sem}")
         return 0
-    from .pipeline import Agent
-    agent = Agent(config)
-    for target, path, fid in agent.discover():
+    from .discovery import find_binaries
+    from .targets import registry
+    targets = [registry.create(n) for n in (config.targets or registry.available())]
+    for target, path, fid in find_binaries(targets, config, lambda _k, msg: print(f"warning: {msg}")).binaries:
         ins = target.inspect(path)
         state = "attach" if ins.usable else "skip"
         print(f"{target.name:<9} {state:<6} {ins.mechanism:<7} {path}  (dev {fid.dev}, inode {fid.inode})")

@@ -9,7 +9,8 @@ import threading
 import time
 
 from .config import load
-from .targets.base import DURATION_BUCKETS, SpanData
+from .contract import DURATION_BUCKETS
+from .targets.base import SpanData
 
 # target -> module in otel_ebpf.servers with a demo_server() function
 DEMO_SERVERS = {"postgres": "postgres", "mysql": "mariadb", "nginx": "nginx", "openssl": "https"}
@@ -17,7 +18,7 @@ DEMO_SERVERS = {"postgres": "postgres", "mysql": "mariadb", "nginx": "nginx", "o
 
 def run_demo(seconds: float = 20.0, targets: list[str] | None = None) -> int:
     from .doctor import fatal_problems
-    from .pipeline import Agent
+    from .agent import Agent
 
     problems = fatal_problems()
     if problems:

@@ -6,12 +6,24 @@ import os
 import platform
 from dataclasses import dataclass
 
+from . import kheaders
 from .config import Config
 
 # capability bits (linux/capability.h)
 CAPS = {"CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38, "CAP_BPF": 39}
 UPROBE_PMU = "/sys/bus/event_source/devices/uprobe"
-SYS_BPF = 321  # x86-64
+# bpf(2)'s syscall number per architecture (uname -m): x86-64 has its own table, arm64
+# (and riscv64, loongarch64) use the generic one.
+BPF_SYSCALL_NUMBERS = {"x86_64": 321, "i386": 357, "i686": 357, "aarch64": 280, "arm64": 280,
+                       "armv7l": 386, "riscv64": 280, "loongarch64": 280, "ppc64le": 361, "s390x": 351}
+
+
+def bpf_syscall_number(machine: str | None = None) -> int | None:
+    """bpf(2)'s number on `machine` (default: this one); None when not known here."""
+    return BPF_SYSCALL_NUMBERS.get(machine or platform.machine())
+
+
+SYS_BPF = bpf_syscall_number()  # this machine's, None on an architecture not listed
 BPF_MAP_CREATE = 0
 BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_RINGBUF = 2, 27
 
@@ -33,6 +45,8 @@ def effective_caps() -> int:
 
 
 def _bpf_map_create(map_type: int, key: int, value: int, entries: int) -> tuple[bool, str]:
+    if SYS_BPF is None:
+        return False, f"bpf(2)'s syscall number on {platform.machine()} is not known to doctor"
     libc = ctypes.CDLL(None, use_errno=True)
     attr = (ctypes.c_uint32 * 32)()
     attr[0], attr[1], attr[2], attr[3] = map_type, key, value, entries
@@ -43,13 +57,20 @@ def _bpf_map_create(map_type: int, key: int, value: int, entries: int) -> tuple[
     return True, ""
 
 
+def kernel_header_source() -> kheaders.HeaderSource:
+    """The kernel headers bcc will compile against here (see otel_ebpf.kheaders)."""
+    return kheaders.find_kernel_headers(platform.release(), os.environ)
+
+
 def kernel_headers() -> tuple[bool, str]:
-    build = f"/lib/modules/{platform.release()}/build"
-    if not os.path.exists(os.path.join(build, "include")):
-        return False, f"{build} missing: `make setup` links the nearest Debian linux-headers package there"
-    real = os.path.realpath(build)
-    same = platform.release() in real
-    return True, real + ("" if same else " (fallback headers of another kernel: fine for uprobes/USDT)")
+    """(found, what was found and what it means / what to do): fatal only when nothing is."""
+    source = kernel_header_source()
+    if not source.ok:
+        return False, source.detail
+    env = kheaders.compile_environment(source)
+    how = "; ".join(f"compiles with {k}={v}" for k, v in env.items())
+    what = source.detail if source.detail.startswith(source.path) else f"{source.path}: {source.detail}"
+    return True, f"{source.kind}: {what}" + (f" ({how})" if how else "")
 
 
 def system_checks() -> list[Check]:
@@ -63,10 +84,15 @@ def system_checks() -> list[Check]:
                                             caps >> CAPS["CAP_SYS_ADMIN"] & 1),
                         f"euid {os.geteuid()}{' (root)' if root else ''}; "
                         + ("all needed capabilities" if not missing else f"missing {', '.join(missing)}")))
+    # Probed with a raw bpf(2) call; on an architecture whose syscall number doctor does not
+    # know, say so without failing: bcc itself does not need doctor's table.
+    known = SYS_BPF is not None
     ok, err = _bpf_map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 1)
-    checks.append(Check("bpf syscall", ok, "maps can be created" if ok else f"bpf(BPF_MAP_CREATE): {err}"))
+    checks.append(Check("bpf syscall", ok, "maps can be created" if ok else f"bpf(BPF_MAP_CREATE): {err}",
+                        fatal=known))
     ok, err = _bpf_map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, 4096 * 16)
-    checks.append(Check("ring buffers", ok, "BPF_MAP_TYPE_RINGBUF works" if ok else f"ring buffer map: {err} (kernel < 5.8?)"))
+    checks.append(Check("ring buffers", ok, "BPF_MAP_TYPE_RINGBUF works" if ok
+                        else f"ring buffer map: {err}" + (" (kernel < 5.8?)" if known else ""), fatal=known))
     checks.append(Check("BTF", os.path.exists("/sys/kernel/btf/vmlinux"),
                         "/sys/kernel/btf/vmlinux" if os.path.exists("/sys/kernel/btf/vmlinux")
                         else "no /sys/kernel/btf/vmlinux (not needed by the uprobe/USDT targets)", fatal=False))
@@ -94,31 +120,21 @@ def fatal_problems() -> list[str]:
     return [f"{c.name}: {c.detail}" for c in system_checks() if c.fatal and not c.ok]
 
 
-def run_doctor(config: Config) -> int:
+def run_doctor(config: Config, timings: bool = False) -> int:
     checks = system_checks()
     width = max(len(c.name) for c in checks)
     print(f"otel-ebpf doctor — kernel {platform.release()}")
     for c in checks:
         mark = "ok " if c.ok else ("FAIL" if c.fatal else "warn")
         print(f"  [{mark:<4}] {c.name:<{width}}  {c.detail}")
-    from .pipeline import Agent
-    print("targets:")
-    agent = Agent(config)
-    found = agent.discover()
-    for target in agent.targets:
-        mine = [(p, f) for t, p, f in found if t is target]
-        if not mine:
-            print(f"  {target.name}: no binary found (looked in {', '.join(target.candidate_paths()) or 'running processes'})")
-        for path, fid in mine:
-            ins = target.inspect(path)
-            print(f"  {target.name}: {path} via {ins.mechanism}: {'will attach' if ins.usable else 'cannot attach'}")
-            for label, present in ins.probes.items():
-                print(f"      {'+' if present else '-'} {label}")
-            for note in ins.notes:
-                print(f"      note: {note}")
     fatal = [c for c in checks if c.fatal and not c.ok]
+    from .report import print_targets
+    problems = print_targets(config, timings=timings and not fatal)
     if fatal:
         print(f"cannot run: {'; '.join(c.name for c in fatal)}")
         return 1
+    if problems:
+        print(f"cannot run: {'; '.join(problems)}")
+        return 2
     print("ready")
     return 0

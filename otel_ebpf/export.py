@@ -1,4 +1,5 @@
-"""Resources per watched process, and span/metric exporters: console, JSON lines, OTLP.
+"""Span exporters (console, JSON lines, OTLP), slow-operation log records, and the OTLP
+transport shared by spans, metrics and logs.
 
 OTLP spans are not built through the SDK's tracer: its per-span cost (about 137 µs
 here) is too high for the hot path. Batches of SpanData become
@@ -20,161 +21,18 @@ import time
 from typing import IO, Iterable, Protocol
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs, SeverityNumber
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs, SeverityNumber
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
-from opentelemetry.semconv._incubating.attributes import (
-    container_attributes as CONTAINER,
-    host_attributes as HOST,
-    process_attributes as PROCESS,
-)
-from opentelemetry.semconv.attributes import db_attributes as DB, service_attributes as SERVICE
+from opentelemetry.semconv.attributes import db_attributes as DB
 
-from . import __version__, process
+from .protobuf import SCOPE, cached_key_values, to_key_values
+from .resources import ResourceCache
 from .targets.base import SpanData
+from .tracecontext import new_ids
 
 log = logging.getLogger(__name__)
-SCOPE = InstrumentationScope(name="otel-ebpf", version=__version__)
-
-
-# --- Resources ------------------------------------------------------------------
-
-
-class ResourceCache:
-    """Resource attributes of each watched process, read once per process identity."""
-
-    MAX_PROCESSES = 1024  # least recently used first out: short-lived clients come and go
-    # A cached pid is checked against /proc (its start time: a reused pid is another
-    # process) at most this often: every drain asks for the pids it saw.
-    RECHECK_S = 1.0
-
-    def __init__(self, service_name_override: str | None = None):
-        self._by_pid: collections.OrderedDict[int, tuple[int, dict[str, object], Resource]] = \
-            collections.OrderedDict()
-        self._override = service_name_override
-        self._lock = threading.Lock()
-        self._checked_at: dict[int, float] = {}
-
-    def attributes(self, pid: int) -> dict[str, object]:
-        return self._entry(pid)[1]
-
-    def proto(self, pid: int) -> Resource:
-        return self._entry(pid)[2]
-
-    def _entry(self, pid: int) -> tuple[int, dict[str, object], Resource]:
-        now = time.monotonic()
-        with self._lock:
-            cached = self._by_pid.get(pid)
-            if cached is not None and now - self._checked_at.get(pid, 0.0) < self.RECHECK_S:
-                return cached
-        fields = process.stat_fields(pid)
-        start = fields[2] if fields else -1
-        with self._lock:
-            cached = self._by_pid.get(pid)
-            # A process that exited keeps its cached Resource (its spans may still be queued).
-            if cached is not None and (start == -1 or cached[0] == start):
-                self._by_pid.move_to_end(pid)
-                self._checked_at[pid] = now
-                return cached
-        attrs = self._read(pid, fields)
-        entry = (start, attrs, Resource(attributes=to_key_values(attrs)))
-        with self._lock:
-            self._by_pid[pid] = entry
-            self._by_pid.move_to_end(pid)
-            self._checked_at[pid] = now
-            while len(self._by_pid) > self.MAX_PROCESSES:
-                self._checked_at.pop(self._by_pid.popitem(last=False)[0], None)
-        return entry
-
-    def forget_exited(self, idle_s: float = 60.0) -> int:
-        """Drop the Resources of processes that exited and were not asked for in `idle_s`
-        (their spans are long exported): short-lived clients would otherwise keep up to
-        MAX_PROCESSES entries. Returns how many were dropped."""
-        now = time.monotonic()
-        with self._lock:
-            idle = [pid for pid in self._by_pid if now - self._checked_at.get(pid, 0.0) > idle_s]
-        gone = [pid for pid in idle if not os.path.exists(f"/proc/{pid}")]
-        with self._lock:
-            for pid in gone:
-                self._by_pid.pop(pid, None)
-                self._checked_at.pop(pid, None)
-        return len(gone)
-
-    def _read(self, pid: int, fields: tuple[str, int, int] | None) -> dict[str, object]:
-        info = process.proc_info(pid)
-        exe_name = os.path.basename(info.exe) if info and info.exe else (fields[0] if fields else "unknown")
-        service = self._override or process.environ_value(pid, "OTEL_SERVICE_NAME") or exe_name
-        attrs: dict[str, object] = {
-            SERVICE.SERVICE_NAME: service,
-            PROCESS.PROCESS_PID: pid,
-            PROCESS.PROCESS_EXECUTABLE_NAME: exe_name,
-            HOST.HOST_NAME: process.host_name(),
-        }
-        if info and info.exe:
-            attrs[PROCESS.PROCESS_EXECUTABLE_PATH] = info.exe
-        cid = process.container_id(pid)
-        if cid:
-            attrs[CONTAINER.CONTAINER_ID] = cid
-        return attrs
-
-
-# --- proto building ---------------------------------------------------------------
-
-
-def any_value(value: object) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, (list, tuple)):
-        from opentelemetry.proto.common.v1.common_pb2 import ArrayValue
-        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
-    return AnyValue(string_value=str(value))
-
-
-def to_key_values(attrs: dict[str, object]) -> list[KeyValue]:
-    return [KeyValue(key=k, value=any_value(v)) for k, v in attrs.items() if v is not None]
-
-
-_KV_CACHE: dict[tuple[str, type, object], KeyValue] = {}
-_KV_CACHE_MAX = 8192  # bounded: query shapes are many; a few MB at most
-# A client's port is new with nearly every connection: caching it would only churn the cache.
-_KV_UNCACHED = frozenset({"client.port", "network.peer.port"})
-
-
-def cached_key_values(attrs: dict[str, object]) -> list[KeyValue]:
-    """KeyValues for span attributes, reusing messages for pairs seen before.
-
-    Most span attributes repeat (system, database, query shape, ports): copying a
-    ready KeyValue into a span costs a third of building a new one."""
-    out = []
-    cache = _KV_CACHE
-    for k, v in attrs.items():
-        if v is None:
-            continue
-        if k in _KV_UNCACHED or isinstance(v, (list, tuple, dict)):
-            out.append(KeyValue(key=k, value=any_value(v)))
-            continue
-        key = (k, type(v), v)  # the type keeps True and 1 apart
-        kv = cache.get(key)
-        if kv is None:
-            if len(cache) >= _KV_CACHE_MAX:
-                cache.clear()
-            kv = cache[key] = KeyValue(key=k, value=any_value(v))
-        out.append(kv)
-    return out
-
-
-_rand = random.Random()
-
-
-def new_ids() -> tuple[bytes, bytes]:
-    bits = _rand.getrandbits(192)
-    return (bits >> 64).to_bytes(16, "big"), (bits & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
 
 
 def trace_request(spans: Iterable[SpanData], resources: ResourceCache) -> ExportTraceServiceRequest:
@@ -197,10 +55,16 @@ def trace_request(spans: Iterable[SpanData], resources: ResourceCache) -> Export
         span = group.add(trace_id=s.trace_id, span_id=s.span_id, name=s.name, kind=s.kind,
                          start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
                          attributes=cached_key_values(s.attributes))
+        if s.parent_span_id:  # joined the application's trace (tracecontext.py)
+            span.parent_span_id = s.parent_span_id
+            span.flags = 0x100 | 0x200 | (s.trace_flags & 0xFF)  # has-is-remote, is-remote
+            if s.trace_state:
+                span.trace_state = s.trace_state
         if s.error:
             span.status.code = Status.STATUS_CODE_ERROR
             span.status.message = s.status_message
     return request
+
 
 
 # --- exporters --------------------------------------------------------------------
@@ -287,49 +151,130 @@ def otlp_protocol(signal: str) -> str:
     return value
 
 
+# --- OTLP transport: the one place that relies on the SDK exporters' internals ---------
+#
+# The SDK has no public way to send an Export*ServiceRequest that is already built: its
+# exporters take SDK objects (ReadableSpan, MetricsData, log records) and encode them
+# themselves. So that OTEL_EXPORTER_OTLP_* (endpoint, headers, TLS, compression, timeout)
+# and the retries still come from the SDK, the transport uses the SDK exporters through
+# the members below, and through nothing else private. SDK_INTERNALS lists them;
+# tests/unit/test_export_fence.py checks every one against the installed SDK (present,
+# same parameters) and sends real requests through both protocols to a receiver in the
+# test, naming the installed SDK version when something moved. constraints.txt pins the
+# SDK, so a rebuild cannot pick up a release the fence was not run against.
+
+# (module, attribute path, parameters after self): what the transport relies on.
+SDK_INTERNALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # gRPC: OTLPExporterMixin turns SDK data into a request in two abstract hooks its
+    # subclasses implement; _PrebuiltGrpc implements them for a request built already and
+    # calls the exporter's public export().
+    ("opentelemetry.exporter.otlp.proto.grpc.exporter", "OTLPExporterMixin._translate_data", ("data",)),
+    ("opentelemetry.exporter.otlp.proto.grpc.exporter", "OTLPExporterMixin._count_data", ("data",)),
+    ("opentelemetry.exporter.otlp.proto.grpc.exporter", "OTLPExporterMixin._export", ("data",)),
+    # http/protobuf: the exporter's HTTP client (compression, headers, retries) in `_client`.
+    ("opentelemetry.exporter.otlp.common.http", "_OTLPHTTPClient.export", ("data",)),
+    ("opentelemetry.exporter.otlp.common.http", "_ExportResult.success", ()),
+    # The log exporters live in private modules (logs are still "development" in the SDK).
+    ("opentelemetry.exporter.otlp.proto.grpc._log_exporter", "OTLPLogExporter", ()),
+    ("opentelemetry.exporter.otlp.proto.http._log_exporter", "OTLPLogExporter", ()),
+)
+
+# (signal, protocol) -> the SDK exporter class that carries it.
+SDK_EXPORTERS: dict[tuple[str, str], tuple[str, str]] = {
+    ("traces", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "OTLPSpanExporter"),
+    ("metrics", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc.metric_exporter", "OTLPMetricExporter"),
+    ("logs", "grpc"): ("opentelemetry.exporter.otlp.proto.grpc._log_exporter", "OTLPLogExporter"),
+    ("traces", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "OTLPSpanExporter"),
+    ("metrics", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http.metric_exporter", "OTLPMetricExporter"),
+    ("logs", "http/protobuf"): ("opentelemetry.exporter.otlp.proto.http._log_exporter", "OTLPLogExporter"),
+}
+
+SDK_DISTRIBUTIONS = ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-grpc",
+                     "opentelemetry-exporter-otlp-proto-http")
+
+
+def sdk_versions() -> str:
+    """The installed SDK exporter versions, for messages: 'opentelemetry-sdk 1.45.1, ...'."""
+    from importlib import metadata
+    out = []
+    for dist in SDK_DISTRIBUTIONS:
+        try:
+            out.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist} (not installed)")
+    return ", ".join(out)
+
+
+class SdkFenceError(RuntimeError):
+    """The installed OpenTelemetry SDK lacks a member the OTLP transport relies on."""
+
+
+class _Prebuilt:
+    """A request built already, in the place of the SDK data an exporter would encode."""
+
+    __slots__ = ("request", "count")
+
+    def __init__(self, request: object, count: int):
+        self.request, self.count = request, count
+
+    def __len__(self) -> int:  # should an exporter count its input itself
+        return self.count
+
+
+def _prebuilt_grpc_exporter(base: type) -> type:
+    """The SDK's gRPC exporter class, with the mixin's two hooks taking a _Prebuilt."""
+    for hook in ("_translate_data", "_count_data", "_export"):
+        if not callable(getattr(base, hook, None)):
+            raise SdkFenceError(f"{base.__module__}.{base.__qualname__} has no {hook} "
+                                f"({sdk_versions()}); otel-ebpf is tested with the versions in "
+                                "constraints.txt")
+
+    class PrebuiltRequestExporter(base):  # type: ignore[misc, valid-type]
+        def _translate_data(self, data: _Prebuilt) -> object:
+            return data.request
+
+        def _count_data(self, data: _Prebuilt) -> int:
+            return data.count
+
+    PrebuiltRequestExporter.__qualname__ = PrebuiltRequestExporter.__name__ = f"Prebuilt{base.__name__}"
+    return PrebuiltRequestExporter
+
+
 class OtlpTransport:
     """Sends prebuilt OTLP requests through the SDK exporters (their settings and retries)."""
 
     def __init__(self, signal: str):
+        import importlib
+
         self.signal = signal
         self.protocol = otlp_protocol(signal)
-        if signal == "traces":
-            if self.protocol == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as E
-            else:
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as E
-        elif signal == "metrics":
-            if self.protocol == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as E
-            else:
-                from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as E
+        module, name = SDK_EXPORTERS[(signal, self.protocol)]
+        cls = getattr(importlib.import_module(module), name)
+        if self.protocol == "grpc":
+            self._exporter = _prebuilt_grpc_exporter(cls)()
+            self._http_client = None
         else:
-            if self.protocol == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as E
-            else:
-                from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as E
-        self._exporter = E()
+            self._exporter = cls()
+            self._http_client = getattr(self._exporter, "_client", None)
+            if not callable(getattr(self._http_client, "export", None)):
+                raise SdkFenceError(f"{module}.{name} has no _client.export ({sdk_versions()}); "
+                                    "otel-ebpf is tested with the versions in constraints.txt")
 
     def send(self, request, count: int) -> bool:
         """Send one prebuilt Export*ServiceRequest; False when the backend refused or is down."""
-        exporter = self._exporter
-        if self.protocol == "grpc":
-            # The gRPC mixin turns SDK objects into a request in _translate_data; ours is one already.
-            exporter._translate_data = lambda data: data  # type: ignore[method-assign]
-            exporter._count_data = lambda data: count  # type: ignore[method-assign]
-            result = exporter._export(request)  # type: ignore[attr-defined]
-            return getattr(result, "name", str(result)) == "SUCCESS"
-        client = getattr(exporter, "_client", None)
-        if client is not None and hasattr(client, "export"):
-            return bool(client.export(request.SerializePartialToString()).success)
-        response = exporter._export(request.SerializePartialToString())  # type: ignore[attr-defined]
-        return bool(getattr(response, "ok", False))
+        if self._http_client is None:
+            result = self._exporter.export(_Prebuilt(request, count))
+            return getattr(result, "name", "") == "SUCCESS"
+        return bool(self._http_client.export(request.SerializePartialToString()).success)
 
     def shutdown(self) -> None:
         try:
             self._exporter.shutdown()
         except Exception:  # noqa: BLE001 - exiting anyway
             log.debug("exporter shutdown failed", exc_info=True)
+
+
+# --- end of the SDK fence --------------------------------------------------------------
 
 
 class OtlpSpanSink:

@@ -485,9 +485,15 @@ def split_target(target: str) -> tuple[str, str | None]:
 
 
 def redact_query(query: str) -> str:
-    """Keep parameter names, replace every value with REDACTED: query strings carry tokens."""
+    """Keep parameter names, replace every value with REDACTED: query strings carry tokens
+    (the replacement the URL semantic conventions use)."""
     parts = []
     for item in query.split("&"):
         name, sep, value = item.partition("=")
         parts.append(f"{name}=REDACTED" if sep and value else item)
     return "&".join(parts)
+
+
+def url_query(query: str, capture_raw: bool = False) -> str:
+    """url.query as every target exports it: values redacted unless raw capture is on."""
+    return query if capture_raw else redact_query(query)

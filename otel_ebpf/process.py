@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass
 
 PROC = "/proc"
@@ -98,6 +97,20 @@ def environ_value(pid: int, name: str) -> str | None:
     return None
 
 
+def environ_values(pid: int, names: tuple[str, ...]) -> dict[str, str]:
+    """Several variables of a process's environment, read in one go."""
+    raw = _read(f"{PROC}/{pid}/environ")
+    if not raw:
+        return {}
+    prefixes = {name.encode() + b"=": name for name in names}
+    out: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        for prefix, name in prefixes.items():
+            if entry.startswith(prefix):
+                out[name] = entry[len(prefix):].decode("utf-8", "replace")
+    return out
+
+
 def container_id(pid: int) -> str | None:
     """The 64-hex container id from the process's cgroup path, if it runs in one."""
     raw = _read(f"{PROC}/{pid}/cgroup")
@@ -123,9 +136,3 @@ def mapped_files(pid: int, name_re: re.Pattern[str]) -> set[str]:
             out.add(parts[5])
     return out
 
-
-_HOSTNAME = socket.gethostname()
-
-
-def host_name() -> str:
-    return _HOSTNAME

@@ -1,24 +1,32 @@
-/* Shared by every probe file: constants, the stats indexes, duration buckets,
- * sampling. Build-time constants come in as -D cflags from the target's Python
- * unit; the defaults here only make a file compile on its own.
+/* The prelude of every probe file: the maps every program has and the helpers around
+ * them, written once. bcc rewrites map calls (`stats.lookup(...)`) only in the text it
+ * compiles, not in headers it includes itself: otel_ebpf/bpf.py therefore inlines this
+ * file (and every other local "..." include) into one text before handing it to bcc.
  *
- * bcc rewrites map calls only in the main file (not in headers or macros), so
- * each probe file declares its own maps with the conventions below:
+ * Shared constants come from otel_ebpf/contract.py as -D cflags (prelude_cflags):
+ *   STAT_*, STAT_MAX          indexes of `stats`
+ *   DURATION_BUCKET_CHAIN     DURATION_BUCKET(index, upper bound ns) ..., DURATION_BUCKET_INF
+ *   SQL_KEYWORD_CHAIN         SQL_KEYWORD(length, code, little-endian u64 of the word) ...
+ * and per agent (otel_ebpf/attacher.py): RINGBUF_PAGES, SAMPLE_PERMILLE, SLOW_NS,
+ * SPAN_INTERVAL_NS, SPAN_BURST_NS, PID_FILTER. A program that keeps no kernel histograms defines
+ * NO_KERNEL_HISTOGRAMS.
  *
- *   BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);        records for spans
- *   BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);            counters, indexes below
- *   BPF_HASH(hist, struct hist_key, u64, HIST_MAX);    duration histogram counts
- *   BPF_HASH(hist_sum, u64, u64, HIST_MAX);            duration sums (ns) per dim
- *   BPF_ARRAY(sampling, u32, 1);                        the agent's current ratio + 1 (0: unset)
- *
- * `dim` is a target-defined low-cardinality key (e.g. operation and status),
- * decoded back into metric attributes by the target's Python unit.
+ * Maps (read by otel_ebpf/kstats.py through bpf.Program):
+ *   events       ring buffer of records (one per kept span, or per call for openssl)
+ *   stats        per-CPU counters
+ *   hist         duration histogram counts by (dim, bucket)
+ *   hist_sum     duration sums (ns) by dim
+ *   span_budget  when the next span is due under the span budget (GCRA)
+ * `dim` is a target-defined low-cardinality key, decoded by its Target.hist_attributes().
  */
 #ifndef OTEL_EBPF_COMMON_H
 #define OTEL_EBPF_COMMON_H
 
 #include <uapi/linux/ptrace.h>
 
+#ifndef STAT_MAX
+#error "shared constants come as -D cflags from otel_ebpf/contract.py (prelude_cflags)"
+#endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
 #endif
@@ -28,69 +36,116 @@
 #ifndef HIST_MAX
 #define HIST_MAX 4096
 #endif
-/* Span sampling, decided here before the ring buffer: keep SAMPLE_PERMILLE of
- * 1000 operations, and always the failed ones and those of SLOW_NS or more. */
 #ifndef SAMPLE_PERMILLE
 #define SAMPLE_PERMILLE 1000
 #endif
 #ifndef SLOW_NS
 #define SLOW_NS 500000000ULL
 #endif
+#ifndef SPAN_INTERVAL_NS
+#define SPAN_INTERVAL_NS 0ULL
+#endif
+#ifndef SPAN_BURST_NS
+#define SPAN_BURST_NS 1000000000ULL
+#endif
 
-/* Indexes of the `stats` per-CPU array (mirrored in otel_ebpf/targets/base.py). */
-enum stat_index {
-    STAT_EVENTS = 0,      /* records written to the ring buffer */
-    STAT_LOST = 1,        /* records lost: ring buffer full */
-    STAT_UNMATCHED = 2,   /* an end without its start, or a start overwritten */
-    STAT_SAMPLED_OUT = 3, /* finished operations not sent as spans (sampling) */
-    STAT_OPERATIONS = 4,  /* finished operations, sent or not */
-    STAT_MAX = 8,
-};
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+BPF_ARRAY(span_budget, u64, 1);
 
+/* Process selection (discovery.py: listening ports, containers). PID_FILTER 1: only the
+ * processes in `pid_filter`; 2: every process but those; 0 (default): every process.
+ * The agent fills the map at each rescan; children forked by a listed process (database
+ * backends, web server workers) join it at once, through the fork tracepoint. */
+#ifndef PID_FILTER
+#define PID_FILTER 0
+#endif
+#if PID_FILTER
+BPF_TABLE("lru_hash", u32, u8, pid_filter, 16384);
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    if (pid_filter.lookup(&parent)) {
+        u32 child = args->child_pid;
+        u8 one = 1;
+        pid_filter.update(&child, &one);
+    }
+    return 0;
+}
+
+static __always_inline int pid_selected(void)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    int listed = pid_filter.lookup(&tgid) != 0;
+    return PID_FILTER == 1 ? listed : !listed;
+}
+#else
+#define pid_selected() 1
+#endif
+
+static __always_inline void stat_inc(int index)
+{
+    u64 *value = stats.lookup(&index);
+    if (value)
+        (*value)++;
+}
+
+/* Send a record; counts it as an event or, when the ring buffer is full, as lost. */
+static __always_inline void emit_record(void *record, u32 size)
+{
+    stat_inc(events.ringbuf_output(record, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
+}
+
+/* Bucket index for the stable duration boundaries; a value equal to a boundary falls in
+ * that boundary's bucket, as OpenTelemetry counts. */
+#define DURATION_BUCKET(index, bound) if (ns <= (bound)) return (index);
+static __always_inline u32 duration_bucket(u64 ns)
+{
+    DURATION_BUCKET_CHAIN
+    return DURATION_BUCKET_INF;
+}
+#undef DURATION_BUCKET
+
+#ifndef NO_KERNEL_HISTOGRAMS
 struct hist_key {
     u64 dim;
     u32 bucket;
     u32 pad;
 };
 
-/* Bucket index for the stable duration boundaries (seconds): 0.005 0.01 0.025
- * 0.05 0.075 0.1 0.25 0.5 0.75 1 2.5 5 7.5 10, then +Inf (index 14).
- * Mirrored by DURATION_BUCKETS in otel_ebpf/targets/base.py. A value equal to a
- * boundary falls in that boundary's bucket, as OpenTelemetry counts. */
-static __always_inline u32 duration_bucket(u64 ns)
+BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
+BPF_HASH(hist_sum, u64, u64, HIST_MAX);
+
+/* Count one finished operation in the histogram of `dim`. */
+static __always_inline void hist_record(u64 dim, u64 duration_ns)
 {
-    if (ns <= 5000000ULL) return 0;
-    if (ns <= 10000000ULL) return 1;
-    if (ns <= 25000000ULL) return 2;
-    if (ns <= 50000000ULL) return 3;
-    if (ns <= 75000000ULL) return 4;
-    if (ns <= 100000000ULL) return 5;
-    if (ns <= 250000000ULL) return 6;
-    if (ns <= 500000000ULL) return 7;
-    if (ns <= 750000000ULL) return 8;
-    if (ns <= 1000000000ULL) return 9;
-    if (ns <= 2500000000ULL) return 10;
-    if (ns <= 5000000000ULL) return 11;
-    if (ns <= 7500000000ULL) return 12;
-    if (ns <= 10000000000ULL) return 13;
-    return 14;
+    struct hist_key key = {};
+    key.dim = dim;
+    key.bucket = duration_bucket(duration_ns);
+    u64 zero = 0;
+    u64 *count = hist.lookup_or_try_init(&key, &zero);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    u64 *sum = hist_sum.lookup_or_try_init(&dim, &zero);
+    if (sum)
+        __sync_fetch_and_add(sum, duration_ns);
+    stat_inc(STAT_OPERATIONS);
 }
+#endif
 
-/* The span budget (max_spans_per_second) as a GCRA, "virtual scheduling": `*due` is when
+/* The span budget (max_spans_per_second) as a GCRA, "virtual scheduling": `due` is when
  * the next span is due; a span fits while that is at most SPAN_BURST_NS ahead of now, and
- * pushes it SPAN_INTERVAL_NS (1 s / the limit) later. It caps a burst at once, where the
- * agent's adaptive ratio (below) needs a quarter of a second to see it. Two CPUs racing
- * may let one extra span through. SPAN_INTERVAL_NS 0: no budget. */
-#ifndef SPAN_INTERVAL_NS
-#define SPAN_INTERVAL_NS 0ULL
-#endif
-#ifndef SPAN_BURST_NS
-#define SPAN_BURST_NS 100000000ULL
-#endif
-
-static __always_inline int within_budget(u64 *due, u64 now)
+ * pushes it SPAN_INTERVAL_NS (1 s / the limit) later. With SPAN_BURST_NS = 1 s a quiet
+ * agent takes a burst of a whole second's budget at once; sustained load above the limit
+ * gets one span per interval. Two CPUs racing may let one extra span through. */
+static __always_inline int within_budget(u64 now)
 {
-    if (SPAN_INTERVAL_NS == 0 || !due)
+    if (SPAN_INTERVAL_NS == 0)
+        return 1;
+    int zero = 0;
+    u64 *due = span_budget.lookup(&zero);
+    if (!due)
         return 1;
     u64 next = *due;
     if (next > now + SPAN_BURST_NS)
@@ -100,29 +155,23 @@ static __always_inline int within_budget(u64 *due, u64 now)
 }
 
 /* Whether a finished operation goes to the ring buffer as a span: failed and slow ones
- * always; the rest with the current ratio `permille` (SAMPLE_PERMILLE, or lower while the
- * agent sheds load above its span rate limit: the `sampling` array of the C files), then
- * within the span budget (`due`: the C file's `span_budget` array). */
-static __always_inline int sample_keep(u64 now, u64 duration_ns, int failed, u32 permille, u64 *due)
+ * always; the rest with the configured ratio (SAMPLE_PERMILLE, a constant: no map read),
+ * then within the span budget. Counts what it leaves out as STAT_SAMPLED_OUT. */
+static __always_inline int sample_keep(u64 now, u64 duration_ns, int failed)
 {
     if (failed || duration_ns >= SLOW_NS)
         return 1;
-    if (permille < 1000 && bpf_get_prandom_u32() % 1000 >= permille)
+    if ((SAMPLE_PERMILLE < 1000 && bpf_get_prandom_u32() % 1000 >= SAMPLE_PERMILLE) || !within_budget(now)) {
+        stat_inc(STAT_SAMPLED_OUT);
         return 0;
-    return within_budget(due, now);
+    }
+    return 1;
 }
 
-/* SQL statement kind from the first keyword, for low-cardinality metric keys.
- * Mirrored by SQL_OPERATIONS in otel_ebpf/targets/base.py; 0 = other.
- * Keywords are compared as little-endian u64 words: no string literals (they
- * would live in a read-only section bcc cannot load) and no memcmp calls. */
-#define KW_C(ch, i) ((u64)(unsigned char)(ch) << (8 * (i)))
-#define KW3(a, b, c) (KW_C(a, 0) | KW_C(b, 1) | KW_C(c, 2))
-#define KW4(a, b, c, d) (KW3(a, b, c) | KW_C(d, 3))
-#define KW5(a, b, c, d, e) (KW4(a, b, c, d) | KW_C(e, 4))
-#define KW6(a, b, c, d, e, f) (KW5(a, b, c, d, e) | KW_C(f, 5))
-#define KW7(a, b, c, d, e, f, g) (KW6(a, b, c, d, e, f) | KW_C(g, 6))
-#define KW8(a, b, c, d, e, f, g, h) (KW7(a, b, c, d, e, f, g) | KW_C(h, 7))
+/* SQL statement kind from the first keyword, for low-cardinality metric keys. Keywords
+ * and their codes come from otel_ebpf/contract.py (SQL_OPERATIONS); 0 = other. They are
+ * compared as little-endian u64 words: no string literals (they would live in a
+ * read-only section bcc cannot load) and no memcmp calls. */
 #define KW_MASK(n) ((n) == 8 ? ~0ULL : ((1ULL << (8 * (n))) - 1))
 
 static __always_inline int is_word_char(char ch)
@@ -135,7 +184,8 @@ static __always_inline int is_blank(char ch)
     return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '(';
 }
 
-/* Keyword at a constant offset of `q` (constant so the verifier sees fixed reads). */
+/* The keyword at a constant offset of `q` (constant so the verifier sees fixed reads). */
+#define SQL_KEYWORD(n, code, word) if ((w & KW_MASK(n)) == (word) && !is_word_char(q[off + (n)])) return (code);
 static __always_inline u32 sql_operation_at(const char *q, const int off)
 {
     u64 w = 0;
@@ -144,30 +194,12 @@ static __always_inline u32 sql_operation_at(const char *q, const int off)
         char ch = q[off + i];
         if (ch >= 'a' && ch <= 'z')
             ch -= 32;
-        w |= KW_C(ch, i);
+        w |= (u64)(unsigned char)ch << (8 * i);
     }
-#define IS(n, word) ((w & KW_MASK(n)) == (word) && !is_word_char(q[off + (n)]))
-    if (IS(6, KW6('S', 'E', 'L', 'E', 'C', 'T'))) return 1;
-    if (IS(6, KW6('I', 'N', 'S', 'E', 'R', 'T'))) return 2;
-    if (IS(6, KW6('U', 'P', 'D', 'A', 'T', 'E'))) return 3;
-    if (IS(6, KW6('D', 'E', 'L', 'E', 'T', 'E'))) return 4;
-    if (IS(5, KW5('B', 'E', 'G', 'I', 'N')) || IS(5, KW5('S', 'T', 'A', 'R', 'T'))) return 5;
-    if (IS(6, KW6('C', 'O', 'M', 'M', 'I', 'T')) || IS(3, KW3('E', 'N', 'D'))) return 6;
-    if (IS(8, KW8('R', 'O', 'L', 'L', 'B', 'A', 'C', 'K')) || IS(5, KW5('A', 'B', 'O', 'R', 'T'))) return 7;
-    if (IS(4, KW4('W', 'I', 'T', 'H'))) return 8;
-    if (IS(4, KW4('C', 'A', 'L', 'L'))) return 9;
-    if (IS(6, KW6('C', 'R', 'E', 'A', 'T', 'E'))) return 10;
-    if (IS(4, KW4('D', 'R', 'O', 'P'))) return 11;
-    if (IS(5, KW5('A', 'L', 'T', 'E', 'R'))) return 12;
-    if (IS(3, KW3('S', 'E', 'T'))) return 13;
-    if (IS(4, KW4('S', 'H', 'O', 'W'))) return 14;
-    if (IS(4, KW4('C', 'O', 'P', 'Y'))) return 15;
-    if (IS(7, KW7('R', 'E', 'P', 'L', 'A', 'C', 'E'))) return 16;
-    if (IS(8, KW8('T', 'R', 'U', 'N', 'C', 'A', 'T', 'E'))) return 17;
-    if (IS(7, KW7('E', 'X', 'P', 'L', 'A', 'I', 'N'))) return 18;
-#undef IS
+    SQL_KEYWORD_CHAIN
     return 0;
 }
+#undef SQL_KEYWORD
 
 /* `q` holds at least 16 bytes of BPF memory (the head of the query); up to three
  * leading blanks or parentheses are skipped. */
@@ -182,8 +214,8 @@ static __always_inline u32 sql_operation(const char *q)
     return sql_operation_at(q, 3);
 }
 
-/* Kernel macros such as min() type-check their arguments and do not compile with
- * the fallback headers; this is all we need. */
+/* Kernel macros such as min() type-check their arguments and do not compile with the
+ * fallback headers; this is all we need. */
 static __always_inline u32 clamp_len(u64 len, u32 max)
 {
     return len > max ? max : (u32)len;

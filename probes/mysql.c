@@ -1,43 +1,49 @@
-/* MySQL and MariaDB: one record per finished query, by one of two ways in.
+/* MySQL and MariaDB: one record per finished statement, by one of two ways in.
  *
  * USDT (builds with DTrace): query__start(query, connid, db, user, host) and
  * query__done(status) are paired by thread (query__done has no connection id).
  * The server fires them per statement; status = thd->is_error().
  *
- * Uprobes (MariaDB from distributions, MySQL 8): dispatch_command entry and
- * return, paired by thread. The packet buffer is reused by the next command, so
- * the entry copies the query text; only COM_QUERY is traced (one record per
- * packet, also for a multi-statement packet).
+ * Uprobes (MariaDB from distributions, MySQL 8): dispatch_command entry and return,
+ * paired by thread. The server writes its response into the buffer the packet came
+ * in (one NET buffer for both ways), so the entry copies the query text.
+ *
+ * Prepared statements (uprobes, both ways in when the symbols are there):
+ * Prepared_statement::prepare(this, text, length) keeps the statement's text per
+ * statement object (`stmts`); a COM_STMT_EXECUTE (or MariaDB's COM_STMT_BULK_EXECUTE)
+ * opens an entry at dispatch_command, Prepared_statement::execute_loop(this, ...) names
+ * the statement it runs, and the return copies that text (with its ? placeholders: the
+ * parameter values are never read). A COM_STMT_PREPARE is a span only when it fails.
  *
  * Errors: on_error_sent (the error packet the client gets) or on_error_raised
- * (my_message_sql) store the server's error number in the thread's query.
- * On the uprobe path a stored number means failed; on the USDT path
- * query__done's status decides and the number only names the error.
+ * (my_message_sql) store the server's error number in the thread's statement.
+ * On the uprobe path a stored number means failed; on the USDT path query__done's
+ * status decides and the number only names the error.
  *
  * The connection's default database: THD::set_db / THD::reset_db keep it per
  * THD (the connection object: a thread pool runs one connection on many threads).
  *
- * Every finished query feeds `hist`/`hist_sum` (dim below), then sample_keep()
- * decides whether its record goes to the ring buffer (probes/common.h).
- *
  * -D cflags (from otel_ebpf/targets/mysql.py):
- *   QUERY_MAX             power of two, bytes of query text copied
+ *   QUERY_MAX, TAIL_MAX   powers of two, bytes of query text copied from its head / tail
  *   DB_SYSTEM_MARIADB     1 for MariaDB, 0 for MySQL (goes into records and dim)
  *   DISPATCH_LAYOUT       1: (command, thd, packet, length)  2: (thd, COM_DATA *, command)
+ *   DISPATCH_QUERY        1: dispatch_command traces COM_QUERY (0 when USDT does)
  *   TRACK_INIT_DB         1: take the database from COM_INIT_DB (no THD::set_db probes)
  *   ERROR_IGNORE_FLAGS    my_message_sql flags that mean "not an error" (MariaDB notes, warnings)
  *   ARG_QUERY, ARG_CONNID, ARG_DB, ARG_STATUS   USDT argument expressions
+ *   STMT_TEXT_ARG, STMT_LENGTH_ARG   where Prepared_statement::prepare has its text
  */
 #include "common.h"
+#include "mysql.h"
 
-#ifndef QUERY_MAX
-#define QUERY_MAX 1024
-#endif
 #ifndef DB_SYSTEM_MARIADB
 #define DB_SYSTEM_MARIADB 1
 #endif
 #ifndef DISPATCH_LAYOUT
 #define DISPATCH_LAYOUT 1
+#endif
+#ifndef DISPATCH_QUERY
+#define DISPATCH_QUERY 1
 #endif
 #ifndef TRACK_INIT_DB
 #define TRACK_INIT_DB 0
@@ -57,6 +63,15 @@
 #ifndef ARG_STATUS
 #define ARG_STATUS 0ULL
 #endif
+#ifndef STMTS_MAX
+#define STMTS_MAX 4096
+#endif
+#ifndef STMT_TEXT_ARG /* Prepared_statement::prepare's text and length arguments */
+#define STMT_TEXT_ARG PT_REGS_PARM2(ctx)
+#endif
+#ifndef STMT_LENGTH_ARG
+#define STMT_LENGTH_ARG PT_REGS_PARM3(ctx)
+#endif
 
 #define LAYOUT_COMMAND_FIRST 1
 #define LAYOUT_COM_DATA 2
@@ -64,29 +79,12 @@
 #define COM_QUIT 1
 #define COM_INIT_DB 2
 #define COM_QUERY 3
+#define COM_STMT_PREPARE 22
+#define COM_STMT_EXECUTE 23
+#define COM_STMT_BULK_EXECUTE 250 /* MariaDB */
 
-/* Record flags (mirrored in otel_ebpf/targets/mysql.py). */
-#define FLAG_MARIADB 1
-#define FLAG_USDT 2
-#define FLAG_FAILED 4
-
-#define DB_MAX 64
 /* error number in dim for a failure whose number is unknown */
 #define ERROR_UNKNOWN 0xFFFFFF
-
-struct mysql_event {
-    u64 start_ns;
-    u64 end_ns;
-    u64 connection_id; /* USDT only */
-    u32 pid;           /* tgid: the server process */
-    u32 tid;
-    u32 error_code;    /* server error number (1064, 1062, ...), 0 if none seen */
-    u32 flags;
-    u32 query_len;     /* bytes of query text the server had (uprobe path) */
-    u32 copied;        /* bytes in query[] */
-    char db[DB_MAX];
-    char query[QUERY_MAX];
-};
 
 struct db_name {
     char name[DB_MAX];
@@ -100,36 +98,9 @@ struct lex_cstring {
 
 BPF_TABLE("lru_hash", u32, struct mysql_event, inflight, INFLIGHT_MAX);
 BPF_TABLE("lru_hash", u64, struct db_name, thd_db, INFLIGHT_MAX);
+BPF_TABLE("lru_hash", u64, struct stmt_text, stmts, STMTS_MAX);
 BPF_PERCPU_ARRAY(scratch, struct mysql_event, 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
-BPF_ARRAY(sampling, u32, 1);
-BPF_ARRAY(span_budget, u64, 1);
-
-/* When the next span is due under the span budget (see within_budget() in common.h). */
-static __always_inline u64 *span_budget_due(void)
-{
-    int zero = 0;
-    return span_budget.lookup(&zero);
-}
-
-/* The sampling ratio in force (per mille): the agent lowers it above its span rate
- * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
-static __always_inline u32 sampling_permille(void)
-{
-    int zero = 0;
-    u32 *value = sampling.lookup(&zero);
-    return value && *value ? *value - 1 : SAMPLE_PERMILLE;
-}
-BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
-BPF_HASH(hist_sum, u64, u64, HIST_MAX);
-
-static __always_inline void stat_inc(int index)
-{
-    u64 *value = stats.lookup(&index);
-    if (value)
-        (*value)++;
-}
+BPF_PERCPU_ARRAY(stmt_scratch, struct stmt_text, 1);
 
 /* dim: bit 40 MariaDB, bits 8..31 error number (0 = success), bits 0..7 operation. */
 static __always_inline u64 hist_dim(struct mysql_event *ev, int failed)
@@ -137,21 +108,7 @@ static __always_inline u64 hist_dim(struct mysql_event *ev, int failed)
     u64 error = 0;
     if (failed)
         error = ev->error_code ? (ev->error_code & ERROR_UNKNOWN) : ERROR_UNKNOWN;
-    return ((u64)DB_SYSTEM_MARIADB << 40) | (error << 8) | (sql_operation(ev->query) & 0xFF);
-}
-
-static __always_inline void hist_record(u64 dim, u64 duration_ns)
-{
-    u64 zero = 0;
-    struct hist_key key = {};
-    key.dim = dim;
-    key.bucket = duration_bucket(duration_ns);
-    u64 *count = hist.lookup_or_try_init(&key, &zero);
-    if (count)
-        __sync_fetch_and_add(count, 1);
-    u64 *sum = hist_sum.lookup_or_try_init(&dim, &zero);
-    if (sum)
-        __sync_fetch_and_add(sum, duration_ns);
+    return ((u64)DB_SYSTEM_MARIADB << 40) | (error << 8) | (ev->operation & 0xFF);
 }
 
 /* A fresh record in this CPU's scratch slot, for the current thread. */
@@ -164,24 +121,54 @@ static __always_inline struct mysql_event *new_event(u32 tid, u32 flags)
     ev->start_ns = bpf_ktime_get_ns();
     ev->end_ns = 0;
     ev->connection_id = 0;
+    ev->stmt = 0;
     ev->pid = bpf_get_current_pid_tgid() >> 32;
     ev->tid = tid;
     ev->error_code = 0;
     ev->flags = flags | (DB_SYSTEM_MARIADB ? FLAG_MARIADB : 0);
     ev->query_len = 0;
     ev->copied = 0;
+    ev->tail_len = 0;
+    ev->operation = 0;
     ev->db[0] = 0;
+    /* sql_operation() reads the first 16 bytes: a shorter text must not borrow the
+     * rest of its keyword from the previous record in this slot. */
+    __builtin_memset(ev->query, 0, 16);
     return ev;
 }
 
 static __always_inline void start_query(u32 tid, struct mysql_event *ev)
 {
     if (inflight.lookup(&tid))
-        stat_inc(STAT_UNMATCHED); /* the previous query on this thread never finished */
+        stat_inc(STAT_UNMATCHED); /* the previous statement on this thread never finished */
     inflight.update(&tid, ev);
 }
 
-/* Histogram for every finished query; the record only when sampling keeps it. */
+/* Copy `length` bytes of text at `src`: its head into `head`, and when it is longer,
+ * its last TAIL_MAX bytes into `tail` (sqlcommenter appends its comment). */
+static __always_inline void copy_text(char *head, u32 *copied, char *tail, u32 *tail_len, u64 src, u64 length)
+{
+    u32 n = clamp_len(length, QUERY_MAX); /* longer text is cut: the sanitizer copes */
+    if (bpf_probe_read_user(head, n, (void *)src) == 0)
+        *copied = n;
+    if (length > QUERY_MAX && bpf_probe_read_user(tail, TAIL_MAX, (void *)(src + length - TAIL_MAX)) == 0)
+        *tail_len = TAIL_MAX;
+}
+
+/* The text of the prepared statement a COM_STMT_EXECUTE ran, into its record. */
+static __always_inline void copy_statement_text(struct mysql_event *ev)
+{
+    struct stmt_text *st = stmts.lookup(&ev->stmt);
+    if (!st)
+        return; /* prepared before the agent attached, or evicted */
+    ev->query_len = st->len;
+    ev->copied = st->copied;
+    ev->tail_len = st->tail_len;
+    bpf_probe_read_kernel(ev->query, QUERY_MAX, st->text);
+    bpf_probe_read_kernel(ev->tail, TAIL_MAX, st->tail);
+}
+
+/* Histogram for every finished statement; the record only when sampling keeps it. */
 static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int failed)
 {
     ev->end_ns = bpf_ktime_get_ns();
@@ -191,15 +178,13 @@ static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int fa
         ev->error_code = 0; /* an error a handler swallowed */
     u64 duration = ev->end_ns - ev->start_ns;
     hist_record(hist_dim(ev, failed), duration);
-    stat_inc(STAT_OPERATIONS);
-    if (sample_keep(ev->end_ns, duration, failed, sampling_permille(), span_budget_due())) {
-        u32 copied = ev->copied;
-        u32 size = offsetof(struct mysql_event, query) + (copied & (QUERY_MAX - 1));
-        if (copied >= QUERY_MAX)
-            size = sizeof(struct mysql_event);
-        stat_inc(events.ringbuf_output(ev, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
-    } else {
-        stat_inc(STAT_SAMPLED_OUT);
+    if (sample_keep(ev->end_ns, duration, failed)) {
+        if (ev->stmt)
+            copy_statement_text(ev);
+        u32 size = offsetof(struct mysql_event, query) + (ev->copied & (QUERY_MAX - 1));
+        if (ev->copied >= QUERY_MAX)
+            size = offsetof(struct mysql_event, tail) + (ev->tail_len ? TAIL_MAX : 0);
+        emit_record(ev, size);
     }
     inflight.delete(&tid);
 }
@@ -229,12 +214,14 @@ static __always_inline void set_db_name(u64 thd, u64 str, u64 length)
 
 int on_dispatch_enter(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u32 command;
     u64 thd, packet = 0, length = 0;
 #if DISPATCH_LAYOUT == LAYOUT_COM_DATA
     thd = PT_REGS_PARM1(ctx);
     command = (u32)PT_REGS_PARM3(ctx);
-    if (command == COM_QUERY || command == COM_INIT_DB) {
+    if (command == COM_QUERY || command == COM_INIT_DB || command == COM_STMT_PREPARE) {
         u64 com_data = PT_REGS_PARM2(ctx);
         u32 len32 = 0;
         bpf_probe_read_user(&packet, sizeof(packet), (void *)com_data);
@@ -257,19 +244,19 @@ int on_dispatch_enter(struct pt_regs *ctx)
         return 0;
     }
 #endif
-    if (command != COM_QUERY)
+    int with_text = command == COM_STMT_PREPARE || (DISPATCH_QUERY && command == COM_QUERY);
+    if (!with_text && command != COM_STMT_EXECUTE && command != COM_STMT_BULK_EXECUTE)
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct mysql_event *ev = new_event(tid, 0);
+    struct mysql_event *ev = new_event(tid, command == COM_STMT_PREPARE ? FLAG_PREPARE
+                                            : with_text ? 0 : FLAG_PREPARED);
     if (!ev)
         return 0;
-    /* The scratch slot holds the previous query's bytes, and sql_operation() reads the first
-     * 16: a shorter query must not borrow the rest of its keyword from them. */
-    __builtin_memset(ev->query, 0, 16);
-    u32 n = clamp_len(length, QUERY_MAX); /* longer text is cut: the sanitizer copes */
-    if (bpf_probe_read_user(ev->query, n, (void *)packet) == 0)
-        ev->copied = n;
-    ev->query_len = (u32)length;
+    if (with_text) {
+        copy_text(ev->query, &ev->copied, ev->tail, &ev->tail_len, packet, length);
+        ev->query_len = (u32)length;
+        ev->operation = sql_operation(ev->query);
+    }
     copy_current_db(ev, thd);
     start_query(tid, ev);
     return 0;
@@ -279,9 +266,50 @@ int on_dispatch_return(struct pt_regs *ctx)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct mysql_event *ev = inflight.lookup(&tid);
-    if (!ev)
-        return 0; /* not a COM_QUERY: pings, prepares, COM_INIT_DB, quit */
+    if (!ev || (ev->flags & FLAG_USDT))
+        return 0; /* not a traced command: pings, COM_INIT_DB, quit; or USDT's own */
+    if ((ev->flags & FLAG_PREPARE) && ev->error_code == 0) {
+        inflight.delete(&tid); /* a prepared statement, ready: no span */
+        return 0;
+    }
     finish_query(tid, ev, ev->error_code != 0);
+    return 0;
+}
+
+/* Prepared_statement::prepare(this, const char *packet, uint packet_len). */
+int on_stmt_prepare(struct pt_regs *ctx)
+{
+    if (!pid_selected())
+        return 0;
+    int zero = 0;
+    struct stmt_text *st = stmt_scratch.lookup(&zero);
+    if (!st)
+        return 0;
+    u64 stmt = PT_REGS_PARM1(ctx);
+    u64 text = STMT_TEXT_ARG;
+    u64 length = (u32)STMT_LENGTH_ARG;
+    st->copied = 0;
+    st->tail_len = 0;
+    st->len = (u32)length;
+    __builtin_memset(st->text, 0, 16);
+    copy_text(st->text, &st->copied, st->tail, &st->tail_len, text, length);
+    st->operation = sql_operation(st->text);
+    stmts.update(&stmt, st);
+    return 0;
+}
+
+/* Prepared_statement::execute_loop / execute_bulk_loop(this, ...): which statement a
+ * COM_STMT_EXECUTE runs (a SQL-level EXECUTE inside a COM_QUERY keeps its own text). */
+int on_stmt_execute(struct pt_regs *ctx)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct mysql_event *ev = inflight.lookup(&tid);
+    if (!ev || !(ev->flags & FLAG_PREPARED) || ev->stmt)
+        return 0;
+    ev->stmt = PT_REGS_PARM1(ctx);
+    struct stmt_text *st = stmts.lookup(&ev->stmt);
+    if (st)
+        ev->operation = st->operation;
     return 0;
 }
 
@@ -289,6 +317,8 @@ int on_dispatch_return(struct pt_regs *ctx)
 
 int on_usdt_query_start(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct mysql_event *ev = new_event(tid, FLAG_USDT);
     if (!ev)
@@ -296,6 +326,7 @@ int on_usdt_query_start(struct pt_regs *ctx)
     int len = bpf_probe_read_user_str(ev->query, QUERY_MAX, (void *)(ARG_QUERY));
     ev->copied = len > 1 ? (u32)(len - 1) : 0; /* without the NUL */
     ev->query_len = ev->copied;
+    ev->operation = sql_operation(ev->query);
     ev->connection_id = ARG_CONNID;
     if (bpf_probe_read_user_str(ev->db, DB_MAX, (void *)(ARG_DB)) < 0)
         ev->db[0] = 0;
@@ -305,9 +336,11 @@ int on_usdt_query_start(struct pt_regs *ctx)
 
 int on_usdt_query_done(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct mysql_event *ev = inflight.lookup(&tid);
-    if (!ev) {
+    if (!ev || !(ev->flags & FLAG_USDT)) {
         stat_inc(STAT_UNMATCHED);
         return 0;
     }

@@ -31,13 +31,8 @@
  * Sizes: URI_MAX, UA_MAX (powers of two; at most URI_MAX-1 and UA_MAX-1 bytes kept).
  */
 #include "common.h"
+#include "nginx.h"
 
-#ifndef URI_MAX
-#define URI_MAX 1024
-#endif
-#ifndef UA_MAX
-#define UA_MAX 256
-#endif
 #ifndef WALL_MINUS_MONO_NS
 #define WALL_MINUS_MONO_NS 0ULL
 #endif
@@ -79,24 +74,6 @@
 #define HAVE_NGX_START 0
 #endif
 
-#define HTTP_VERSION_9 9
-#define HTTP_VERSION_10 1000
-#define HTTP_VERSION_11 1001
-#define HTTP_VERSION_20 2000
-#define HTTP_VERSION_30 3000
-
-/* Which attribute groups a record carries (mirrored in otel_ebpf/targets/nginx.py). */
-#define F_METHOD (1 << 0)
-#define F_VERSION (1 << 1)
-#define F_STATUS (1 << 2)
-#define F_URI (1 << 3)
-#define F_CLIENT (1 << 4)
-#define F_SERVER (1 << 5)
-#define F_SCHEME (1 << 6)
-#define F_UA (1 << 7)
-#define F_NGX_START (1 << 8) /* start_ns is 0: the request started at start_wall_ms */
-#define F_URI_CUT (1 << 9)   /* the URI was longer than URI_MAX - 1 bytes */
-
 struct req_key {
     u64 r;
     u32 tgid;
@@ -108,25 +85,6 @@ struct ngx_str {
     u64 data;
 };
 
-struct nginx_event {
-    u64 start_ns;      /* CLOCK_MONOTONIC at ngx_http_process_request, 0 when F_NGX_START */
-    u64 end_ns;        /* CLOCK_MONOTONIC at ngx_http_free_request */
-    u64 start_wall_ms; /* nginx's r->start_sec/start_msec, when F_NGX_START */
-    u32 pid;
-    u32 flags;
-    u32 method;        /* NGX_HTTP_GET (2), NGX_HTTP_POST (8), ... a single bit */
-    u32 http_version;  /* 9, 1000, 1001, 2000, 3000 */
-    u32 status;
-    u16 server_port;   /* host order */
-    u8 https;
-    u8 pad;
-    u32 ua_len;        /* data[0 .. ua_len) is the User-Agent */
-    u32 uri_len;       /* data[ua_len .. ua_len + uri_len) is the URI; the record ends there */
-    u8 client[28];     /* struct sockaddr_in / sockaddr_in6 of the client */
-    u32 pad2;
-    char data[UA_MAX + URI_MAX];
-};
-
 /* Per-CPU room for the record and the raw struct bytes it is read from. */
 struct scratch_space {
     struct nginx_event ev;
@@ -136,41 +94,14 @@ struct scratch_space {
 
 BPF_TABLE("lru_hash", struct req_key, u64, inflight, INFLIGHT_MAX);
 BPF_PERCPU_ARRAY(scratch, struct scratch_space, 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
-BPF_ARRAY(sampling, u32, 1);
-BPF_ARRAY(span_budget, u64, 1);
-
-/* When the next span is due under the span budget (see within_budget() in common.h). */
-static __always_inline u64 *span_budget_due(void)
-{
-    int zero = 0;
-    return span_budget.lookup(&zero);
-}
-
-/* The sampling ratio in force (per mille): the agent lowers it above its span rate
- * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
-static __always_inline u32 sampling_permille(void)
-{
-    int zero = 0;
-    u32 *value = sampling.lookup(&zero);
-    return value && *value ? *value - 1 : SAMPLE_PERMILLE;
-}
-BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
-BPF_HASH(hist_sum, u64, u64, HIST_MAX);
 
 #define R_FIELD(sp, off) (*(u64 *)((sp)->request + (off)))
 #define C_FIELD(sp, off) (*(u64 *)((sp)->connection + (off)))
 
-static __always_inline void stat_inc(int index)
-{
-    u64 *value = stats.lookup(&index);
-    if (value)
-        (*value)++;
-}
-
 int on_request_start(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     struct req_key key = {};
     key.r = PT_REGS_PARM1(ctx);
     key.tgid = bpf_get_current_pid_tgid() >> 32;
@@ -198,20 +129,6 @@ static __always_inline u64 hist_dim(struct nginx_event *ev)
     u64 status = (ev->flags & F_STATUS) ? (ev->status & 0xffff) : 0;
     u64 method = (ev->flags & F_METHOD) ? ev->method : 0;
     return method << 32 | scheme << 24 | version << 16 | status;
-}
-
-static __always_inline void record_duration(u64 dim, u64 ns)
-{
-    struct hist_key key = {};
-    key.dim = dim;
-    key.bucket = duration_bucket(ns);
-    u64 zero = 0;
-    u64 *count = hist.lookup_or_try_init(&key, &zero);
-    if (count)
-        __sync_fetch_and_add(count, 1);
-    u64 *sum = hist_sum.lookup_or_try_init(&dim, &zero);
-    if (sum)
-        __sync_fetch_and_add(sum, ns);
 }
 
 /* The status nginx logs: err_status, else headers_out.status, which
@@ -281,6 +198,8 @@ static __always_inline void read_addresses(struct scratch_space *sp, struct ngin
 
 int on_request_end(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u64 end = bpf_ktime_get_ns();
     u64 r = PT_REGS_PARM1(ctx);
     s64 rc = (s64)PT_REGS_PARM2(ctx);
@@ -369,12 +288,9 @@ int on_request_end(struct pt_regs *ctx)
     }
 #endif
 
-    record_duration(hist_dim(ev), duration);
-    stat_inc(STAT_OPERATIONS);
-    if (!sample_keep(end, duration, ev->status >= 500, sampling_permille(), span_budget_due())) {
-        stat_inc(STAT_SAMPLED_OUT);
+    hist_record(hist_dim(ev), duration);
+    if (!sample_keep(end, duration, ev->status >= 500))
         return 0;
-    }
 
     if (have_connection)
         read_addresses(sp, ev);
@@ -383,6 +299,6 @@ int on_request_end(struct pt_regs *ctx)
     if (have_request)
         read_strings(sp, ev);
     u32 size = offsetof(struct nginx_event, data) + (ev->ua_len & (UA_MAX - 1)) + (ev->uri_len & (URI_MAX - 1));
-    stat_inc(events.ringbuf_output(ev, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
+    emit_record(ev, size);
     return 0;
 }

@@ -19,18 +19,13 @@
  *   CAPTURE_MAX   power of two, plaintext bytes copied per call
  *   CONN_MAX      connections whose stream offsets are kept (LRU)
  */
+#define NO_KERNEL_HISTOGRAMS 1 /* requests are framed in user space: no durations here */
 #include "common.h"
+#include "openssl.h"
 
-#ifndef CAPTURE_MAX
-#define CAPTURE_MAX 4096
-#endif
 #ifndef CONN_MAX
 #define CONN_MAX 16384
 #endif
-
-#define DIR_READ 0
-#define DIR_WRITE 1
-#define DIR_CLOSE 2
 
 struct call {
     u64 ssl;
@@ -52,41 +47,14 @@ struct conn_offsets {
     u64 write;
 };
 
-/* Mirrored by _HEADER in otel_ebpf/targets/openssl.py. A close record is the head
- * alone: offset and length then hold the final read and write offsets. */
-struct tls_head {
-    u64 start_ns; /* the call's entry */
-    u64 end_ns;   /* its return */
-    u64 ssl;
-    u64 offset;   /* stream offset of data[0] in this direction */
-    u64 length;   /* bytes the call moved (data[] holds the first `captured`) */
-    u32 pid;
-    u32 tid;
-    u32 direction;
-    u32 captured;
-    char comm[16];
-};
-
-struct tls_event {
-    struct tls_head head;
-    u8 data[CAPTURE_MAX];
-};
-
 BPF_TABLE("lru_hash", u32, struct call, inflight, INFLIGHT_MAX);
 BPF_TABLE("lru_hash", struct conn_key, struct conn_offsets, conns, CONN_MAX);
 BPF_PERCPU_ARRAY(scratch, struct tls_event, 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
-
-static __always_inline void stat_inc(int index)
-{
-    u64 *value = stats.lookup(&index);
-    if (value)
-        (*value)++;
-}
 
 static __always_inline int enter(struct pt_regs *ctx, u32 direction, u64 len_ptr)
 {
+    if (!pid_selected())
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct call call = {};
     if (inflight.lookup(&tid))
@@ -141,6 +109,8 @@ static __always_inline u64 take_offset(struct conn_key *key, u32 direction, u64 
 
 int on_return(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tid = (u32)pid_tgid;
     struct call *found = inflight.lookup(&tid);
@@ -188,7 +158,7 @@ int on_return(struct pt_regs *ctx)
         size = sizeof(struct tls_head);
     }
     head->captured = want;
-    stat_inc(events.ringbuf_output(ev, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
+    emit_record(ev, size);
     stat_inc(STAT_OPERATIONS);
     return 0;
 }
@@ -214,6 +184,6 @@ int on_free(struct pt_regs *ctx)
     close.direction = DIR_CLOSE;
     bpf_get_current_comm(&close.comm, sizeof(close.comm));
     conns.delete(&key);
-    stat_inc(events.ringbuf_output(&close, sizeof(close), 0) == 0 ? STAT_EVENTS : STAT_LOST);
+    emit_record(&close, sizeof(close));
     return 0;
 }

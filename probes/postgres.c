@@ -1,122 +1,154 @@
-/* PostgreSQL: one record per finished query, from the server's own USDT probes.
+/* PostgreSQL: one record per executed statement, from the server's own USDT probes.
  *
- * query__start(query) and query__done(query) are paired by thread (a backend is
- * one process with one thread). A failing query never fires query__done: errcode()
- * (an exported function every ereport calls with the SQLSTATE) remembers the code,
- * and transaction__abort closes the query there.
+ * Simple protocol (a Query message): query__start(query) and query__done(query),
+ * paired by thread (a backend is one process with one thread).
+ *
+ * Extended protocol (Parse/Bind/Execute): query__execute__start/done fire in PortalRun,
+ * which exec_execute_message calls once per Execute message. PortalRun also runs inside
+ * a simple query, and nested inside another PortalRun (SQL-level EXECUTE, a function
+ * running SQL): only the outermost one outside a simple query starts a statement, and
+ * only the done of that same frame (the same stack pointer at both sites) ends it, so a
+ * nested level that longjmps out on an error cannot end it early. The text is the
+ * global debug_query_string, which exec_execute_message points at the portal's source
+ * text (with its $n placeholders; parameter values are never read).
+ *
+ * Telling a simple query's own portal from an Execute that follows a simple query whose
+ * entry was never closed (an error inside an already failed transaction block fires no
+ * abort): the distance on the stack from query__start's frame to its portal's PortalRun
+ * is a constant of the binary, learned from the first simple query that runs a portal
+ * (`portal_gap`). A PortalRun that deep or deeper belongs to the simple query.
+ *
+ * Failures never fire a done: errcode() (which every ereport with a SQLSTATE calls)
+ * remembers the code, and transaction__abort closes the statement there. An error
+ * outside any statement (a Parse or Bind message that fails: a syntax error, a missing
+ * table, a bad parameter value) opens an error-only entry at errcode() with the text
+ * debug_query_string points at then (exec_parse_message and exec_bind_message point it
+ * at the statement's text; the error handler clears it before the abort). Messages the server skips after an error until Sync
+ * run nothing and give no record.
  *
  * -D cflags (from otel_ebpf/targets/postgres.py):
- *   QUERY_MAX                power of two, bytes of query text copied
+ *   QUERY_MAX, TAIL_MAX      powers of two, bytes of query text copied from its head / tail
  *   ARG_QUERY_START, ARG_QUERY_DONE   C expressions reading the probes' first argument
- *   LOAD_BASE_QUERY_DONE, LOAD_BASE_ABORT  expressions giving the binary's load base
- *   SYM_MY_PROC_PORT, SYM_POSTMASTER_PID   link-time addresses of those globals
+ *   LOAD_BASE_QUERY_DONE, LOAD_BASE_ABORT, LOAD_BASE_EXECUTE_START, LOAD_BASE_EXECUTE_DONE,
+ *   LOAD_BASE_ERRCODE        expressions giving the binary's load base at those sites
+ *   SYM_MY_PROC_PORT, SYM_POSTMASTER_PID, SYM_DEBUG_QUERY_STRING   link-time addresses
  *   PORT_OFFSETS (0/1), PORT_LADDR, PORT_RADDR, PORT_DATABASE_NAME   struct Port layout
+ *   TAIL_CHUNKS              how many TAIL_MAX - 1 byte steps to look for a long query's end
  */
 #include "common.h"
+#include "postgres.h"
 
-#ifndef QUERY_MAX
-#define QUERY_MAX 1024
+#ifndef TAIL_CHUNKS
+#define TAIL_CHUNKS 32
 #endif
 
-#define KIND_DONE 1
-#define KIND_ABORT 2 /* failed with the SQLSTATE errcode() saw */
-#define KIND_ABORT_NO_CODE 3 /* aborted with no errcode(): a ROLLBACK, or an elog(ERROR) */
+#define PHASE_SIMPLE 1
+#define PHASE_EXTENDED 2
+#define PHASE_ERROR 3 /* errcode() outside any statement: a failing Parse or Bind */
 
 struct inflight {
     u64 start_ns;
     u64 query_ptr;
+    u64 sp;        /* the stack pointer at query__start, or at the outermost execute__start */
     u64 abort_ns;
     u32 sqlstate;
+    u32 phase;
     u32 aborted;
-    u32 operation; /* sql_operation() of the query, for the histogram */
-    u32 pad;
-};
-
-struct pg_event {
-    u64 start_ns;
-    u64 end_ns;
-    u32 pid;
-    u32 postmaster_pid;
-    u32 kind;
-    u32 sqlstate;
-    u8 raddr[28]; /* struct sockaddr (in, in6 or un prefix) of the client */
-    u8 laddr[64]; /* the server's side: its port, or the unix socket path */
-    char database[64];
-    u32 query_len;
-    u32 pad;
-    char query[QUERY_MAX];
+    u32 operation; /* sql_operation() of the text, for the histogram */
 };
 
 BPF_TABLE("lru_hash", u32, struct inflight, inflight, INFLIGHT_MAX);
 BPF_PERCPU_ARRAY(scratch, struct pg_event, 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
-BPF_ARRAY(sampling, u32, 1);
-BPF_ARRAY(span_budget, u64, 1);
-
-/* When the next span is due under the span budget (see within_budget() in common.h). */
-static __always_inline u64 *span_budget_due(void)
-{
-    int zero = 0;
-    return span_budget.lookup(&zero);
-}
-
-/* The sampling ratio in force (per mille): the agent lowers it above its span rate
- * limit; 0 in the map means "not set yet": the configured SAMPLE_PERMILLE. */
-static __always_inline u32 sampling_permille(void)
-{
-    int zero = 0;
-    u32 *value = sampling.lookup(&zero);
-    return value && *value ? *value - 1 : SAMPLE_PERMILLE;
-}
-BPF_HASH(hist, struct hist_key, u64, HIST_MAX);
-BPF_HASH(hist_sum, u64, u64, HIST_MAX);
-
-static __always_inline void stat_inc(int index)
-{
-    u64 *value = stats.lookup(&index);
-    if (value)
-        (*value)++;
-}
+BPF_ARRAY(portal_gap, u64, 1); /* query__start's sp minus its own portal's PortalRun sp */
 
 /* dim: statement kind in bits 0-7, failed in bit 8, SQLSTATE (MAKE_SQLSTATE) from bit 9. */
-static __always_inline void hist_record(u32 operation, u32 failed, u32 sqlstate, u64 duration_ns)
+static __always_inline u64 hist_dim(u32 operation, u32 failed, u32 sqlstate)
 {
-    struct hist_key key = {};
-    key.dim = (u64)operation | ((u64)(failed ? 1 : 0) << 8) | ((u64)(failed ? sqlstate : 0) << 9);
-    key.bucket = duration_bucket(duration_ns);
-    u64 zero = 0;
-    u64 *count = hist.lookup_or_try_init(&key, &zero);
-    if (count)
-        __sync_fetch_and_add(count, 1);
-    u64 *sum = hist_sum.lookup_or_try_init(&key.dim, &zero);
-    if (sum)
-        __sync_fetch_and_add(sum, duration_ns);
-    stat_inc(STAT_OPERATIONS);
+    return (u64)operation | ((u64)(failed ? 1 : 0) << 8) | ((u64)(failed ? sqlstate : 0) << 9);
 }
 
 /* sql_operation() needs the text in BPF memory: read just its head. */
 static __always_inline u32 operation_of(u64 query_ptr)
 {
     char head[24] = {};
-    bpf_probe_read_user(head, 16, (void *)query_ptr);
+    if (query_ptr)
+        bpf_probe_read_user(head, 16, (void *)query_ptr);
     return sql_operation(head);
+}
+
+static __always_inline u64 debug_query_string(u64 load_base)
+{
+    u64 ptr = 0;
+    bpf_probe_read_user(&ptr, sizeof(ptr), (void *)(load_base + SYM_DEBUG_QUERY_STRING));
+    return ptr;
+}
+
+/* A statement whose entry was never closed (its thread ran a new one): an error raised
+ * with no abort to follow (inside a transaction block that had already failed) or a
+ * lost probe hit. Counted, never exported with a text that may be gone. */
+static __always_inline void replace_stale(struct inflight *previous)
+{
+    if (previous->aborted) /* aborted by an elog(ERROR) with no SQLSTATE: XX000 */
+        hist_record(hist_dim(previous->operation, 1, 0xa28 /* MAKE_SQLSTATE XX000 */),
+                    previous->abort_ns - previous->start_ns);
+    else if (previous->phase != PHASE_ERROR)
+        stat_inc(STAT_UNMATCHED);
 }
 
 int on_query_start(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct inflight entry = {};
     struct inflight *previous = inflight.lookup(&tid);
-    if (previous) {
-        if (previous->aborted) /* aborted by an elog(ERROR) with no SQLSTATE: XX000 */
-            hist_record(previous->operation, 1, 0xa28 /* MAKE_SQLSTATE XX000 */,
-                        previous->abort_ns - previous->start_ns);
-        else
-            stat_inc(STAT_UNMATCHED); /* the previous query never finished or aborted */
-    }
+    if (previous)
+        replace_stale(previous);
+    struct inflight entry = {};
     entry.start_ns = bpf_ktime_get_ns();
     entry.query_ptr = ARG_QUERY_START;
+    entry.sp = PT_REGS_SP(ctx);
+    entry.phase = PHASE_SIMPLE;
+    entry.operation = operation_of(entry.query_ptr);
+    inflight.update(&tid, &entry);
+    return 0;
+}
+
+/* Whether a PortalRun at `sp` runs inside the simple query `entry` (see portal_gap). */
+static __always_inline int in_simple_query(struct inflight *entry, u64 sp)
+{
+    int zero = 0;
+    u64 *learned = portal_gap.lookup(&zero);
+    if (!learned)
+        return 1;
+    u64 gap = entry->sp - sp;
+    if (*learned == 0) {
+        if (entry->sqlstate || entry->aborted)
+            return 0; /* a failed query with no abort: not a live one to learn from */
+        *learned = gap;
+        return 1;
+    }
+    return gap >= *learned;
+}
+
+int on_execute_start(struct pt_regs *ctx)
+{
+    if (!pid_selected())
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct inflight *previous = inflight.lookup(&tid);
+    u64 sp = PT_REGS_SP(ctx);
+    if (previous) {
+        if (previous->phase == PHASE_SIMPLE && in_simple_query(previous, sp))
+            return 0; /* a portal of a simple query: that query is the span */
+        if (previous->phase == PHASE_EXTENDED && sp < previous->sp)
+            return 0; /* nested inside the Execute being traced (deeper on the stack) */
+        replace_stale(previous);
+    }
+    struct inflight entry = {};
+    entry.start_ns = bpf_ktime_get_ns();
+    entry.query_ptr = debug_query_string(LOAD_BASE_EXECUTE_START);
+    entry.sp = sp;
+    entry.phase = PHASE_EXTENDED;
     entry.operation = operation_of(entry.query_ptr);
     inflight.update(&tid, &entry);
     return 0;
@@ -125,33 +157,66 @@ int on_query_start(struct pt_regs *ctx)
 /* errcode(int sqlerrcode): remember the code of the error being raised. */
 int on_errcode(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight *entry = inflight.lookup(&tid);
-    if (entry)
+    if (entry) {
         entry->sqlstate = (u32)PT_REGS_PARM1(ctx);
+        return 0;
+    }
+    /* A Parse or Bind message failing: its text is what debug_query_string points at now
+     * (the server clears it before the abort, but the text lives until the next message). */
+    struct inflight fresh = {};
+    fresh.start_ns = bpf_ktime_get_ns();
+    fresh.sqlstate = (u32)PT_REGS_PARM1(ctx);
+    fresh.phase = PHASE_ERROR;
+    fresh.query_ptr = debug_query_string(LOAD_BASE_ERRCODE);
+    fresh.operation = operation_of(fresh.query_ptr);
+    inflight.update(&tid, &fresh);
+    return 0;
+}
+
+/* The last TAIL_MAX bytes of a string longer than QUERY_MAX - 1: its end is found in
+ * steps of TAIL_MAX - 1 bytes (bpf_probe_read_user_str stops at the NUL), up to
+ * TAIL_CHUNKS steps past the head. Returns the bytes copied into `tail` (0: too long). */
+static __always_inline u32 read_tail(char *tail, u64 query_ptr)
+{
+    u64 at = query_ptr + QUERY_MAX - 1;
+#pragma unroll
+    for (int i = 0; i < TAIL_CHUNKS; i++) {
+        long n = bpf_probe_read_user_str(tail, TAIL_MAX, (void *)at);
+        if (n <= 0)
+            return 0;
+        if (n < TAIL_MAX) {
+            u64 end = at + n - 1; /* the NUL */
+            if (bpf_probe_read_user(tail, TAIL_MAX, (void *)(end - TAIL_MAX)) != 0)
+                return 0;
+            return TAIL_MAX;
+        }
+        at += TAIL_MAX - 1;
+    }
     return 0;
 }
 
 /* Record the histogram (unless `kind` only marks an abort that a done may follow),
- * then send the query as a span record when sampling keeps it. */
-static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32 tid,
-                                u32 kind, u64 query_ptr, u64 load_base)
+ * then send the statement as a span record when sampling keeps it. */
+static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32 kind, u64 query_ptr,
+                                u64 load_base, u32 protocol)
 {
     u64 now = bpf_ktime_get_ns();
     u64 duration = now - entry->start_ns;
     int keep = 1;
     if (kind == KIND_DONE && !entry->aborted) {
-        hist_record(entry->operation, 0, 0, duration);
-        keep = sample_keep(now, duration, 0, sampling_permille(), span_budget_due());
+        hist_record(hist_dim(entry->operation, 0, 0), duration);
+        keep = sample_keep(now, duration, 0);
     } else if (kind == KIND_DONE) {
-        hist_record(entry->operation, 0, 0, duration); /* a ROLLBACK: its abort was no error */
+        hist_record(hist_dim(entry->operation, 0, 0), duration); /* a ROLLBACK: its abort was no error */
     } else if (kind == KIND_ABORT) {
-        hist_record(entry->operation, 1, entry->sqlstate, duration);
+        hist_record(hist_dim(entry->operation, 1, entry->sqlstate), duration);
     }
-    if (!keep) {
-        stat_inc(STAT_SAMPLED_OUT);
+    if (!keep)
         return 0;
-    }
     int zero = 0;
     struct pg_event *ev = scratch.lookup(&zero);
     if (!ev)
@@ -161,6 +226,8 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
     ev->pid = bpf_get_current_pid_tgid() >> 32;
     ev->kind = kind;
     ev->sqlstate = entry->sqlstate;
+    ev->protocol = protocol;
+    ev->flags = 0;
     ev->postmaster_pid = 0;
     bpf_probe_read_user(&ev->postmaster_pid, sizeof(u32), (void *)(load_base + SYM_POSTMASTER_PID));
     ev->database[0] = 0;
@@ -180,42 +247,69 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
             bpf_probe_read_user_str(ev->database, sizeof(ev->database), (void *)dbname);
     }
 #endif
-    int len = bpf_probe_read_user_str(ev->query, QUERY_MAX, (void *)query_ptr);
-    u32 qlen = len > 0 ? (u32)len : 0;
+    long len = query_ptr ? bpf_probe_read_user_str(ev->query, QUERY_MAX, (void *)query_ptr) : 0;
+    u32 qlen = len > 1 ? (u32)(len - 1) : 0; /* without the NUL */
     ev->query_len = qlen;
+    ev->tail_len = 0;
     u32 size = offsetof(struct pg_event, query) + (qlen & (QUERY_MAX - 1));
-    if (qlen >= QUERY_MAX)
-        size = sizeof(struct pg_event);
-    stat_inc(events.ringbuf_output(ev, size, 0) == 0 ? STAT_EVENTS : STAT_LOST);
+    if (qlen >= QUERY_MAX - 1) {
+        ev->tail_len = read_tail(ev->tail, query_ptr);
+        size = offsetof(struct pg_event, tail) + (ev->tail_len ? TAIL_MAX : 0);
+    }
+    emit_record(ev, size);
     return 0;
 }
 
 int on_query_done(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight *entry = inflight.lookup(&tid);
-    if (!entry) {
+    if (!entry || entry->phase != PHASE_SIMPLE) {
         stat_inc(STAT_UNMATCHED);
         return 0;
     }
-    emit(ctx, entry, tid, KIND_DONE, ARG_QUERY_DONE, LOAD_BASE_QUERY_DONE);
+    emit(ctx, entry, KIND_DONE, ARG_QUERY_DONE, LOAD_BASE_QUERY_DONE, PROTOCOL_SIMPLE);
+    inflight.delete(&tid);
+    return 0;
+}
+
+int on_execute_done(struct pt_regs *ctx)
+{
+    if (!pid_selected())
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct inflight *entry = inflight.lookup(&tid);
+    if (!entry || entry->phase != PHASE_EXTENDED || entry->sp != PT_REGS_SP(ctx))
+        return 0; /* inside a simple query, or a nested PortalRun */
+    emit(ctx, entry, KIND_DONE, entry->query_ptr, LOAD_BASE_EXECUTE_DONE, PROTOCOL_EXTENDED);
     inflight.delete(&tid);
     return 0;
 }
 
 int on_transaction_abort(struct pt_regs *ctx)
 {
+    if (!pid_selected())
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight *entry = inflight.lookup(&tid);
     if (!entry || entry->aborted)
-        return 0; /* an abort outside a query (e.g. a backend exiting mid-transaction) */
+        return 0; /* an abort outside a statement (e.g. a backend exiting mid-transaction) */
+    if (entry->phase == PHASE_ERROR) {
+        /* A Parse or Bind message failed (its text was taken at errcode()). */
+        emit(ctx, entry, KIND_ABORT, entry->query_ptr, LOAD_BASE_ABORT, PROTOCOL_MESSAGE);
+        inflight.delete(&tid);
+        return 0;
+    }
+    u32 protocol = entry->phase == PHASE_SIMPLE ? PROTOCOL_SIMPLE : PROTOCOL_EXTENDED;
     if (entry->sqlstate) {
-        emit(ctx, entry, tid, KIND_ABORT, entry->query_ptr, LOAD_BASE_ABORT);
+        emit(ctx, entry, KIND_ABORT, entry->query_ptr, LOAD_BASE_ABORT, protocol);
         inflight.delete(&tid);
     } else {
-        /* A ROLLBACK statement aborts too and then fires query__done; user space
-         * holds this record briefly and drops it if that done follows. */
-        emit(ctx, entry, tid, KIND_ABORT_NO_CODE, entry->query_ptr, LOAD_BASE_ABORT);
+        /* A ROLLBACK statement aborts too and then fires its done; user space holds
+         * this record briefly and drops it if that done follows. */
+        emit(ctx, entry, KIND_ABORT_NO_CODE, entry->query_ptr, LOAD_BASE_ABORT, protocol);
         entry->aborted = 1;
         entry->abort_ns = bpf_ktime_get_ns();
     }

@@ -22,6 +22,12 @@ for p in $PACKAGES; do
 done
 
 KVER=$(uname -r)
+# Debian's name for this machine's architecture: amd64 (x86_64) or arm64 (aarch64).
+ARCH=$(dpkg --print-architecture)
+case "$ARCH" in
+    amd64|arm64) ;;
+    *) echo "warning: otel-ebpf is built and tested for amd64 and arm64, not $ARCH" >&2 ;;
+esac
 need_headers=0
 [ -e "/lib/modules/$KVER/build/include" ] || need_headers=1
 
@@ -55,9 +61,9 @@ if [ "$need_headers" = 1 ]; then
         apt_install "linux-headers-$KVER"
     else
         # No package for this kernel: the nearest Debian headers work for uprobe/USDT programs.
-        say "no linux-headers-$KVER package: using Debian's linux-headers-amd64 as a fallback"
-        apt_install linux-headers-amd64
-        hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | grep -v common | sort -V | tail -1)
+        say "no linux-headers-$KVER package: using Debian's linux-headers-$ARCH as a fallback"
+        apt_install "linux-headers-$ARCH"
+        hdr=$(ls -d /usr/src/linux-headers-*-"$ARCH" 2>/dev/null | grep -v common | sort -V | tail -1)
         common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)
         [ -n "$hdr" ] && [ -n "$common" ] || { echo "kernel headers not found under /usr/src" >&2; exit 1; }
         mkdir -p "/lib/modules/$KVER"
@@ -83,10 +89,10 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.otel-ebpf-installed
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing otel-ebpf with its test extras into .venv"
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    say "installing otel-ebpf with its test extras into .venv (versions pinned by constraints.txt)"
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
     echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import bcc, otel_ebpf" || { echo "bcc or otel_ebpf not importable from .venv" >&2; exit 1; }

@@ -8,24 +8,22 @@ Choosing the path is `examine()`: both `inspect()` (doctor, list) and `plan()`
 """
 from __future__ import annotations
 
-import mmap
 import os
-import re
-import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import yaml
 from opentelemetry.semconv.attributes import db_attributes as DB
 from opentelemetry.semconv.attributes import error_attributes as ERROR
 
-from .. import sql
+from ..contract import layout, sql_operation_name
 from ..elf import ElfError, ElfInfo, Symbol, UsdtProbe, elf_info
+from . import common
 from .base import (
-    KIND_SERVER, SQL_OPERATIONS, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target,
+    KIND_SERVER, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target,
 )
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 PROVIDER = "mysql"
 USDT_START, USDT_DONE = "query__start", "query__done"
@@ -39,21 +37,23 @@ LAYOUT_TEXT = {
 # Concurrent queries the kernel can follow (each holds a copy of its query text).
 INFLIGHT_MAX = 4096
 
-# Record flags and dim layout (probes/mysql.c).
-FLAG_MARIADB, FLAG_USDT, FLAG_FAILED = 1, 2, 4
+# Record flags (probes/mysql.h) and the dim layout (probes/mysql.c).
+FLAG_MARIADB, FLAG_USDT, FLAG_FAILED, FLAG_PREPARED, FLAG_PREPARE = 1, 2, 4, 8, 16
 ERROR_UNKNOWN = 0xFFFFFF
 OTHER = "_OTHER"
-# struct mysql_event up to query[]: start, end, connection id, pid, tid, error, flags,
-# query_len, copied, db[64].
-_HEADER = struct.Struct("<QQQIIIIII64s")
+TAIL_MAX = 256  # bytes of a long query's end the kernel copies (probes/mysql.h)
 
-_MARIADB_VERSION_RE = re.compile(rb"(\d+\.\d+\.\d+)-MariaDB")
+RECORD = layout("mysql.h", "mysql_event", [
+    ("start_ns", "Q"), ("end_ns", "Q"), ("connection_id", "Q"), ("stmt", "Q"), ("pid", "I"), ("tid", "I"),
+    ("error_code", "I"), ("flags", "I"), ("query_len", "I"), ("copied", "I"), ("tail_len", "I"),
+    ("operation", "I"), ("db", "64s"),
+], tail="query")
+
+_MARIADB_VERSION_RE = rb"(\d+\.\d+\.\d+)-MariaDB"
 
 
-@lru_cache(maxsize=1)
 def catalog() -> dict:
-    text = (resources.files("otel_ebpf.usdt") / "mysql.yaml").read_text()
-    return yaml.safe_load(text)
+    return common.catalog("mysql.yaml")
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,19 @@ class MysqlBinary:
     layout: str  # key of LAYOUTS, "" when dispatch_command's signature is unknown
     error: ErrorProbe | None
     db_symbols: list[tuple[Symbol, str]]  # with their labels
+    prepare: tuple[Symbol, int, int] | None = None  # Prepared_statement::prepare, text and length args
+    execute: list[Symbol] = field(default_factory=list)  # Prepared_statement::execute_loop and kin
     notes: list[str] = field(default_factory=list)
     unusable_reason: str = ""
 
     @property
     def has_usdt(self) -> bool:
         return bool(self.usdt_start and self.usdt_done)
+
+    @property
+    def prepared_statements(self) -> bool:
+        """COM_STMT_EXECUTE is traced: prepare/execute symbols and a known dispatch_command."""
+        return self.prepare is not None and bool(self.execute) and self.dispatch is not None
 
     @property
     def mechanism(self) -> str:
@@ -94,28 +101,14 @@ class MysqlBinary:
 # --- what the binary is ------------------------------------------------------------
 
 
-@lru_cache(maxsize=16)
-def _flavor_cached(path: str, dev: int, ino: int, mtime: int) -> tuple[str, str]:
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            m = _MARIADB_VERSION_RE.search(mm)
-            # MySQL's version has no marker that tells it from other numbers in the binary.
-            return (SYSTEM_MARIADB, m.group(1).decode()) if m else (SYSTEM_MYSQL, "")
-    except (OSError, ValueError):
-        return SYSTEM_MYSQL, ""
-
-
 def server_flavor(path: str) -> tuple[str, str]:
     """("mariadb" | "mysql", version) from the binary's own bytes: MariaDB's version
     string always carries "-MariaDB"; anything else is taken for MySQL."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return SYSTEM_MYSQL, ""
-    system, version = _flavor_cached(path, st.st_dev, st.st_ino, st.st_mtime_ns)
-    if system == SYSTEM_MYSQL and os.path.basename(path) == "mariadbd":
-        return SYSTEM_MARIADB, version
-    return system, version
+    groups = common.search_binary(path, _MARIADB_VERSION_RE)
+    # MySQL's version has no marker that tells it from other numbers in the binary.
+    if groups:
+        return SYSTEM_MARIADB, groups[0].decode()
+    return (SYSTEM_MARIADB if os.path.basename(path) == "mariadbd" else SYSTEM_MYSQL), ""
 
 
 def dispatch_layout(symbol_name: str) -> str:
@@ -154,6 +147,19 @@ def _find_error_probe(info: ElfInfo, system: str) -> ErrorProbe | None:
     return None
 
 
+def _find_prepared(info: ElfInfo) -> tuple[tuple[Symbol, int, int] | None, list[Symbol]]:
+    entries = catalog().get("prepared_statements", {})
+    prepare = None
+    for entry in entries.get("prepare", []):
+        sym = info.symbol(entry["symbol"])
+        if sym is not None and sym.file_offset >= 0:
+            prepare = (sym, int(entry["text"]), int(entry["length"]))
+            break
+    execute = [sym for name in entries.get("execute", [])
+               if (sym := info.symbol(name)) is not None and sym.file_offset >= 0]
+    return prepare, execute
+
+
 def examine(path: str) -> MysqlBinary:
     """Everything the mysql target needs from a binary; raises ElfError if unreadable."""
     info = elf_info(path)
@@ -168,6 +174,7 @@ def examine(path: str) -> MysqlBinary:
         error=_find_error_probe(info, system),
         db_symbols=db_symbols if len(db_symbols) == len(catalog()["current_db"]) else [],
     )
+    binary.prepare, binary.execute = _find_prepared(info)
     if not binary.mechanism:
         found = ", ".join(dispatch_names) if dispatch_names else "no dispatch_command symbol"
         binary.unusable_reason = (
@@ -195,6 +202,13 @@ def _explain(b: MysqlBinary, info: ElfInfo) -> list[str]:
         notes.append("db.namespace: THD::set_db/THD::reset_db (handshake, COM_INIT_DB, USE)" if b.db_symbols
                      else "db.namespace: from COM_INIT_DB only (no THD::set_db/reset_db symbols): "
                           "a USE statement or the handshake's database is not seen")
+    if b.prepared_statements:
+        notes.append("prepared statements: COM_STMT_EXECUTE is one span with the statement's text "
+                     "(Prepared_statement::prepare keeps it; parameters are never read); a COM_STMT_PREPARE "
+                     "is a span only when it fails")
+    else:
+        notes.append("prepared statements (COM_STMT_EXECUTE) are not seen: no Prepared_statement::prepare/"
+                     "execute_loop symbols or no known dispatch_command")
     notes.append(_explain_errors(b))
     return notes
 
@@ -244,16 +258,19 @@ class MysqlTarget(Target):
             "dispatch_command()": b.dispatch is not None,
             "error function": b.error is not None,
             "THD::set_db()/reset_db()": bool(b.db_symbols),
+            "Prepared_statement::prepare()": b.prepare is not None,
+            "Prepared_statement::execute_loop()": bool(b.execute),
         }
-        return Inspection(path, bool(b.mechanism), b.mechanism or "none", probes, b.notes)
+        protocols = {"text protocol (COM_QUERY)": bool(b.mechanism),
+                     "prepared statements (COM_STMT_EXECUTE)": b.prepared_statements}
+        return Inspection(path, bool(b.mechanism), b.mechanism or "none", probes, b.notes, protocols)
 
-    def plan(self, path: str, config: object) -> BuildPlan:
+    def plan(self, path: str, config: "Config") -> BuildPlan:
         b = examine(path)
         if not b.mechanism:
             raise ElfError(f"{path}: {b.unusable_reason}")
-        query_max = getattr(config, "query_max_bytes", 1024)
         cflags = [
-            f"-DQUERY_MAX={query_max}",
+            f"-DQUERY_MAX={config.query_max_bytes}", f"-DTAIL_MAX={TAIL_MAX}",
             f"-DINFLIGHT_MAX={INFLIGHT_MAX}",
             f"-DDB_SYSTEM_MARIADB={1 if b.system == SYSTEM_MARIADB else 0}",
             f"-DERROR_IGNORE_FLAGS={b.error.ignore_flags if b.error else 0}",
@@ -261,9 +278,21 @@ class MysqlTarget(Target):
         if b.has_usdt:
             attach = self._usdt_attach(b)
             cflags += self._usdt_cflags(path)
+            cflags.append("-DDISPATCH_QUERY=0")  # USDT traces COM_QUERY; dispatch_command only COM_STMT_*
+            if b.prepared_statements:
+                attach += self._dispatch_attach(b)
         else:
             attach = self._uprobe_attach(b)
+        if b.dispatch is not None:
             cflags += [f"-DDISPATCH_LAYOUT={LAYOUTS[b.layout]}", f"-DTRACK_INIT_DB={0 if b.db_symbols else 1}"]
+        if b.prepared_statements:
+            assert b.prepare is not None
+            symbol, text_arg, length_arg = b.prepare
+            attach.append(AttachSpec("on_stmt_prepare", symbol.file_offset, "Prepared_statement::prepare()"))
+            attach += [AttachSpec("on_stmt_execute", s.file_offset, "Prepared_statement::execute_loop()")
+                       for s in b.execute]
+            cflags += [f"-DSTMT_TEXT_ARG=PT_REGS_PARM{text_arg}(ctx)",
+                       f"-DSTMT_LENGTH_ARG=PT_REGS_PARM{length_arg}(ctx)"]
         if b.error is not None:
             fn = "on_error_sent" if b.error.kind == "sent" else "on_error_raised"
             attach.append(AttachSpec(fn, b.error.symbol.file_offset, b.error.label))
@@ -288,13 +317,15 @@ class MysqlTarget(Target):
         ]
 
     @staticmethod
-    def _uprobe_attach(b: MysqlBinary) -> list[AttachSpec]:
+    def _dispatch_attach(b: MysqlBinary) -> list[AttachSpec]:
         assert b.dispatch is not None
         offset = b.dispatch.file_offset
-        attach = [
-            AttachSpec("on_dispatch_enter", offset, "dispatch_command()"),
-            AttachSpec("on_dispatch_return", offset, "dispatch_command() return", retprobe=True),
-        ]
+        return [AttachSpec("on_dispatch_enter", offset, "dispatch_command()"),
+                AttachSpec("on_dispatch_return", offset, "dispatch_command() return", retprobe=True)]
+
+    @classmethod
+    def _uprobe_attach(cls, b: MysqlBinary) -> list[AttachSpec]:
+        attach = cls._dispatch_attach(b)
         attach += [AttachSpec("on_set_db", sym.file_offset, label) for sym, label in b.db_symbols]
         return attach
 
@@ -304,7 +335,7 @@ class MysqlTarget(Target):
         error = (dim >> 8) & ERROR_UNKNOWN
         attrs: dict[str, object] = {
             DB.DB_SYSTEM_NAME: SYSTEM_MARIADB if (dim >> 40) & 1 else SYSTEM_MYSQL,
-            DB.DB_OPERATION_NAME: SQL_OPERATIONS[operation] if operation < len(SQL_OPERATIONS) else OTHER,
+            DB.DB_OPERATION_NAME: sql_operation_name(operation),
         }
         if error:
             attrs[ERROR.ERROR_TYPE] = OTHER if error == ERROR_UNKNOWN else str(error)
@@ -321,14 +352,17 @@ class MysqlTarget(Target):
         return out
 
     def _span(self, raw: bytes, ctx: DecodeContext) -> SpanData | None:
-        if len(raw) < _HEADER.size:
+        if len(raw) < RECORD.size:
             return None
-        (start, end, _connection_id, pid, _tid, error_code, flags, _query_len, copied, db) = \
-            _HEADER.unpack_from(raw)
-        query = raw[_HEADER.size:_HEADER.size + copied]
+        (start, end, _connection_id, _stmt, pid, _tid, error_code, flags, _query_len, copied, tail_len,
+         _operation, db) = RECORD.unpack_from(raw)
+        at = RECORD.size
+        query = raw[at:at + copied]
+        tail_at = at + ctx.config.query_max_bytes
+        tail = raw[tail_at:tail_at + tail_len] if tail_len else b""
         system = SYSTEM_MARIADB if flags & FLAG_MARIADB else SYSTEM_MYSQL
-        info = sql.analyze(query, "mysql")
-        attrs = self._query_attributes(system, db, query, info, ctx.config)
+        namespace = db.split(b"\0", 1)[0].decode("utf-8", "replace")
+        attrs, info, comment = common.query_attributes(system, "mysql", namespace, query, tail, ctx.config)
         failed = bool(flags & FLAG_FAILED)
         message = ""
         if failed:
@@ -337,22 +371,7 @@ class MysqlTarget(Target):
             attrs[ERROR.ERROR_TYPE] = str(error_code) if error_code else OTHER
             message = f"{'MariaDB' if system == SYSTEM_MARIADB else 'MySQL'} error {error_code or 'unknown'}"
         offset = ctx.mono_to_epoch_ns
-        return SpanData(info.summary or system, KIND_SERVER, start + offset, end + offset, attrs,
+        span = SpanData(info.summary or system, KIND_SERVER, start + offset, end + offset, attrs,
                         resource_pid=pid, target=self.name, error=failed, status_message=message)
-
-    @staticmethod
-    def _query_attributes(system: str, db: bytes, query: bytes, info: sql.SqlInfo,
-                          config: object) -> dict[str, object]:
-        attrs: dict[str, object] = {DB.DB_SYSTEM_NAME: system}
-        db_name = db.split(b"\0", 1)[0].decode("utf-8", "replace")
-        if db_name:
-            attrs[DB.DB_NAMESPACE] = db_name
-        if getattr(config, "capture_raw_query", False):  # opt-in: literals included
-            attrs[DB.DB_QUERY_TEXT] = query.split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif info.text:
-            attrs[DB.DB_QUERY_TEXT] = info.text
-        if info.summary:
-            attrs[DB.DB_QUERY_SUMMARY] = info.summary
-        if info.operation:
-            attrs[DB.DB_OPERATION_NAME] = info.operation
-        return attrs
+        common.apply_sql_comment(span, comment)
+        return span

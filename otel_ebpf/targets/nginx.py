@@ -17,17 +17,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import mmap
 import os
-import re
-import socket
-import struct
 import time
 from dataclasses import dataclass, field
-from importlib import resources
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import yaml
 from opentelemetry.semconv.attributes import (
     client_attributes as CLIENT,
     error_attributes as ERROR,
@@ -38,14 +32,17 @@ from opentelemetry.semconv.attributes import (
     user_agent_attributes as USER_AGENT,
 )
 
-from .. import process
-from ..elf import ElfError, elf_info
-from .base import KIND_SERVER, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target
+from .. import http, process
+from ..contract import layout
+from ..elf import ElfError, dwarf_member_offsets, elf_info
+from . import common
+from .base import (
+    KIND_SERVER, BuildPlan, DecodeContext, Inspection, ProbePoint, SpanData, Target, require_resolved,
+    resolve_probe_points,
+)
 
-try:  # the DWARF reader lives in elf.py (the only module that touches pyelftools)
-    from ..elf import dwarf_member_offsets
-except ImportError:  # an elf.py without it: offsets come from the table only
-    dwarf_member_offsets = None
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -96,44 +93,41 @@ F_METHOD, F_VERSION, F_STATUS, F_URI, F_CLIENT, F_SERVER, F_SCHEME, F_UA, F_NGX_
 METHOD_NAMES = {0x2: "GET", 0x4: "HEAD", 0x8: "POST", 0x10: "PUT", 0x20: "DELETE", 0x40: "MKCOL",
                 0x80: "COPY", 0x100: "MOVE", 0x200: "OPTIONS", 0x400: "PROPFIND", 0x800: "PROPPATCH",
                 0x1000: "LOCK", 0x2000: "UNLOCK", 0x4000: "PATCH", 0x8000: "TRACE", 0x10000: "CONNECT"}
-# The methods HTTP semantic conventions know; others are "_OTHER" with the original kept.
-KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"}
 HTTP_VERSIONS = {9: "0.9", 1000: "1.0", 1001: "1.1", 2000: "2", 3000: "3"}
 # Protocol version index in a histogram key (probes/nginx.c hist_dim()); 6 = other.
 VERSION_BY_INDEX = {1: "0.9", 2: "1.0", 3: "1.1", 4: "2", 5: "3"}
 SCHEME_BY_INDEX = {1: "http", 2: "https"}
 
-# struct nginx_event up to data[] (probes/nginx.c); the User-Agent and the URI follow.
-_EVENT = struct.Struct("<QQQIIIIIHBBII28sI")
-_DATA = _EVENT.size
+PROBE_POINTS = (ProbePoint("on_request_start", symbols=(START_FUNCTION,)),
+                ProbePoint("on_request_end", symbols=(END_FUNCTION,)))
+
+# struct nginx_event up to data[] (probes/nginx.h); the User-Agent and the URI follow.
+RECORD = layout("nginx.h", "nginx_event", [
+    ("start_ns", "Q"), ("end_ns", "Q"), ("start_wall_ms", "Q"), ("pid", "I"), ("flags", "I"), ("method", "I"),
+    ("http_version", "I"), ("status", "I"), ("server_port", "H"), ("https", "B"), ("pad", "B"),
+    ("ua_len", "I"), ("uri_len", "I"), ("client", "28s"), ("pad2", "I"),
+], tail="data")
+_DATA = RECORD.size
 # Members read as 16 bytes (ngx_str_t: len, data); the others are 8 (pointers, integers).
 _WIDTH = {"R_UNPARSED_URI": 16}
 
-_VERSION_RE = re.compile(rb"nginx/(\d+\.\d+\.\d+)")
-_SIGNATURE_RE = re.compile(rb"(\d+,\d+,\d+,[01]{20,})\0")
+_VERSION_RE = rb"nginx/(\d+\.\d+\.\d+)"
+_SIGNATURE_RE = rb"(\d+,\d+,\d+,[01]{20,})\0"
 MASTER_CACHE_S = 10.0  # how long a worker -> master answer is reused
 
 
 # --- the build: version, signature, layout --------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
 def offset_table() -> list[dict]:
-    text = (resources.files("otel_ebpf.usdt") / "nginx-offsets.yaml").read_text()
-    return yaml.safe_load(text)["builds"]
+    return common.catalog("nginx-offsets.yaml").get("builds", [])
 
 
 def build_identity(path: str) -> tuple[str | None, str | None]:
     """(version, module signature) read from an nginx binary's bytes; None when absent."""
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            version = _VERSION_RE.search(mm)
-            signature = _SIGNATURE_RE.search(mm)
-            # groups copy the bytes out: read them before the mapping closes
-            return (version.group(1).decode() if version else None,
-                    signature.group(1).decode() if signature else None)
-    except (OSError, ValueError):
-        return None, None
+    version = common.search_binary(path, _VERSION_RE)
+    signature = common.search_binary(path, _SIGNATURE_RE)
+    return (version[0].decode() if version else None, signature[0].decode() if signature else None)
 
 
 @dataclass(frozen=True)
@@ -182,8 +176,6 @@ def layout_from_table(version: str | None, signature: str | None) -> Layout | No
 
 
 def layout_from_dwarf(path: str) -> Layout | None:
-    if dwarf_member_offsets is None:
-        return None
     wanted = {STRUCT_TYPES[section]: members for section, members in MEMBERS.items()}
     try:
         source, found = dwarf_member_offsets(path, wanted, cu_hint="ngx_http_request.c")
@@ -213,25 +205,16 @@ def layout_for(path: str) -> Layout:
 # --- decoding helpers ---------------------------------------------------------------------
 
 
-def sanitize_query(query: str) -> str:
-    """Keep the parameter names, replace every value by "?": "a=1&b=x" -> "a=?&b=?"."""
-    return "&".join(part.split("=", 1)[0] + "=?" if "=" in part else part for part in query.split("&"))
-
-
 def client_endpoint(raw: bytes) -> tuple[str, int] | None:
     """(address, port) of a struct sockaddr_in / sockaddr_in6, None for other families."""
-    family = int.from_bytes(raw[:2], "little")
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
-    if family == socket.AF_INET6:
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
-    return None
+    family, port, address = common.parse_sockaddr(raw)
+    return (address, port) if family in ("ipv4", "ipv6") and address and port is not None else None
 
 
 def method_attributes(method_bit: int) -> tuple[str, str | None]:
     """(http.request.method, http.request.method_original or None) of an NGX_HTTP_* bit."""
     name = METHOD_NAMES.get(method_bit)
-    if name in KNOWN_METHODS:
+    if name in http.KNOWN_METHODS:
         return name, None
     return "_OTHER", name
 
@@ -262,7 +245,7 @@ class NginxTarget(Target):
             layout = layout_for(path)
         except (ElfError, OSError) as exc:
             return Inspection(path, False, "uprobe", {}, [str(exc)])
-        present = {f"{fn}()": _function_offset(info, fn) is not None for fn in (START_FUNCTION, END_FUNCTION)}
+        present = resolve_probe_points(info, PROBE_POINTS).present
         version, signature = build_identity(path)
         notes = [f"nginx {version or '(version not found)'}, module signature {signature or '(not found)'}"
                  + (f": struct layout from {layout.source}" if layout.source else "")]
@@ -272,13 +255,10 @@ class NginxTarget(Target):
         notes += layout.missing_notes()
         return Inspection(path, all(present.values()), "uprobe", present, notes)
 
-    def plan(self, path: str, config: object) -> BuildPlan:
+    def plan(self, path: str, config: "Config") -> BuildPlan:
         info = elf_info(path)
-        offsets = {fn: _function_offset(info, fn) for fn in (START_FUNCTION, END_FUNCTION)}
-        missing = [fn for fn, off in offsets.items() if off is None]
-        if missing:
-            raise ElfError(f"{path}: no {', '.join(missing)} in .dynsym or .symtab "
-                           "(a stripped nginx build without exported symbols?)")
+        resolved = resolve_probe_points(info, PROBE_POINTS)
+        require_resolved(path, resolved, "not in .dynsym or .symtab: a stripped nginx build without exported symbols?")
         try:
             layout = layout_for(path)
         except OSError as exc:
@@ -287,8 +267,7 @@ class NginxTarget(Target):
                   # nginx dates requests rejected before process_request on the wall clock
                   f"-DWALL_MINUS_MONO_NS={time.time_ns() - time.monotonic_ns()}ULL",
                   *layout.cflags()]
-        attach = [AttachSpec("on_request_start", offsets[START_FUNCTION], f"{START_FUNCTION}()"),
-                  AttachSpec("on_request_end", offsets[END_FUNCTION], f"{END_FUNCTION}()")]
+        attach = resolved.attach
         notes = [f"struct layout from {layout.source}"] if layout.source else []
         return BuildPlan(cflags, attach, notes + layout.missing_notes())
 
@@ -325,7 +304,7 @@ class NginxTarget(Target):
 
     def _span(self, raw: bytes, ctx: DecodeContext) -> SpanData | None:
         (start, end, start_wall_ms, pid, flags, method_bit, version, status, server_port, https, _,
-         ua_len, uri_len, client, _) = _EVENT.unpack_from(raw)
+         ua_len, uri_len, client, _) = RECORD.unpack_from(raw)
         uri_at = _DATA + ua_len
         if len(raw) < uri_at + uri_len:
             return None
@@ -373,7 +352,7 @@ class NginxTarget(Target):
         if path:
             attrs[URL.URL_PATH] = path
         if sep and not cut:
-            attrs[URL.URL_QUERY] = query if getattr(ctx.config, "capture_raw_query", False) else sanitize_query(query)
+            attrs[URL.URL_QUERY] = http.url_query(query, ctx.config.capture_raw_query)
 
     def resource_process(self, pid: int) -> int:
         """The nginx master for a worker (so that reloads keep one Resource), else the pid."""
@@ -386,13 +365,6 @@ class NginxTarget(Target):
             self._masters.clear()
         self._masters[pid] = (master, now)
         return master
-
-
-def _function_offset(info, name: str) -> int | None:
-    symbol = info.symbol(name)
-    if symbol is None or symbol.file_offset < 0:
-        return None
-    return symbol.file_offset
 
 
 def _nginx_parent(pid: int) -> int | None:

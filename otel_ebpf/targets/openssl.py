@@ -29,8 +29,7 @@ import collections
 import logging
 import os
 import re
-import struct
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from opentelemetry.semconv.attributes import (
     error_attributes as ERROR,
@@ -42,9 +41,15 @@ from opentelemetry.semconv.attributes import (
 )
 
 from .. import http, process
+from ..contract import layout
 from ..elf import ElfError, elf_info
 from . import registry
-from .base import KIND_CLIENT, KIND_SERVER, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target
+from .base import (
+    KIND_CLIENT, KIND_SERVER, BuildPlan, DecodeContext, Inspection, ProbePoint, SpanData, Target, resolve_probe_points,
+)
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,11 @@ _LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/u
 FUNCTIONS = (("SSL_read", "on_read_entry"), ("SSL_write", "on_write_entry"),
              ("SSL_read_ex", "on_read_ex_entry"), ("SSL_write_ex", "on_write_ex_entry"))
 REQUIRED = ("SSL_read", "SSL_write")
+PROBE_POINTS = tuple(
+    point for fn, entry in FUNCTIONS for point in (
+        ProbePoint(entry, symbols=(fn,), required=fn in REQUIRED),
+        ProbePoint("on_return", symbols=(fn,), retprobe=True, required=fn in REQUIRED),
+    )) + (ProbePoint("on_free", symbols=("SSL_free",), required=False),)
 
 DEFAULT_CAPTURE_BYTES = 4096  # a request line and its headers; bodies are only counted
 CAPTURE_RANGE = (64, 16384)
@@ -68,8 +78,11 @@ MAX_UNRECOGNIZED = 64  # calls with no request line on a fresh connection before
 EXPIRY_PERIOD_NS = 10**9
 
 DIR_READ, DIR_WRITE, DIR_CLOSE = 0, 1, 2
-# struct tls_head of probes/openssl.c.
-_HEADER = struct.Struct("<QQQQQIIII16s")
+RECORD = layout("openssl.h", "tls_head", [
+    ("start_ns", "Q"), ("end_ns", "Q"), ("ssl", "Q"), ("offset", "Q"), ("length", "Q"), ("pid", "I"),
+    ("tid", "I"), ("direction", "I"), ("captured", "I"), ("comm", "16s"),
+])
+_HEADER = RECORD.struct
 
 _ROLE_IGNORED = -1  # a connection that is not HTTP/1.x, or no longer (upgraded)
 
@@ -128,9 +141,9 @@ class _Connection:
         self.exchanges.clear()
 
 
-def capture_bytes(config: object) -> int:
+def capture_bytes(config: "Config") -> int:
     """Plaintext bytes copied per call: `tls_capture_bytes` when the config has a valid one."""
-    value = getattr(config, "tls_capture_bytes", DEFAULT_CAPTURE_BYTES)
+    value = config.tls_capture_bytes
     low, high = CAPTURE_RANGE
     if not isinstance(value, int) or value < low or value > high or value & (value - 1):
         return DEFAULT_CAPTURE_BYTES
@@ -179,7 +192,7 @@ class OpensslTarget(Target):
     def extra_paths(self, procs: list) -> list[str]:
         """The libssl files running processes map, as the agent can open them: the path
         itself, and through /proc/PID/root for processes in other mount namespaces
-        (the pipeline attaches once per file identity, so duplicates cost nothing)."""
+        (the agent attaches once per file identity, so duplicates cost nothing)."""
         paths: set[str] = set()
         for info in procs:
             for path in process.mapped_files(info.pid, LIBSSL_NAME):
@@ -192,37 +205,26 @@ class OpensslTarget(Target):
             info = elf_info(path)
         except ElfError as exc:
             return Inspection(path, False, "uprobe", {}, [str(exc)])
-        present = {f"{fn}()": info.symbol(fn) is not None for fn, _ in FUNCTIONS}
-        present["SSL_free()"] = info.symbol("SSL_free") is not None
+        present = resolve_probe_points(info, PROBE_POINTS).present
         notes = []
-        if not present["SSL_read_ex()"]:
+        if not present.get("SSL_read_ex()"):
             notes.append("no SSL_read_ex/SSL_write_ex (OpenSSL before 1.1.1): only SSL_read/SSL_write are seen")
         notes.append("only programs linked to this library are seen (not statically linked OpenSSL/BoringSSL, "
                      "nor GnuTLS/NSS)")
-        usable = all(present[f"{fn}()"] for fn in REQUIRED)
+        usable = all(present.get(f"{fn}()") for fn in REQUIRED)
         return Inspection(path, usable, "uprobe", present, notes)
 
-    def plan(self, path: str, config: object) -> BuildPlan:
+    def plan(self, path: str, config: "Config") -> BuildPlan:
         info = elf_info(path)
-        attach: list[AttachSpec] = []
-        notes: list[str] = []
-        for fn, entry in FUNCTIONS:
-            sym = info.symbol(fn)
-            if sym is None or sym.file_offset < 0:
-                if fn in REQUIRED:
-                    raise ElfError(f"{path}: no {fn} symbol: not an OpenSSL libssl?")
-                notes.append(f"{fn} not found: calls through it are not seen")
-                continue
-            attach.append(AttachSpec(entry, sym.file_offset, f"{fn}()"))
-            attach.append(AttachSpec("on_return", sym.file_offset, f"{fn}() return", retprobe=True))
-        free = info.symbol("SSL_free")
-        if free is not None and free.file_offset >= 0:
-            attach.append(AttachSpec("on_free", free.file_offset, "SSL_free()"))
-        else:
+        resolved = resolve_probe_points(info, PROBE_POINTS)
+        if resolved.missing_required:
+            raise ElfError(f"{path}: no {', '.join(resolved.missing_required)} symbol: not an OpenSSL libssl?")
+        notes = [f"{fn} not found: calls through it are not seen"
+                 for fn, _ in FUNCTIONS if not resolved.present.get(f"{fn}()")]
+        if not resolved.present.get("SSL_free()"):
             notes.append("SSL_free not found: responses that end at connection close end when idle")
-        capture = capture_bytes(config)
-        cflags = [f"-DCAPTURE_MAX={capture}", f"-DCONN_MAX={KERNEL_CONNECTIONS}"]
-        return BuildPlan(cflags, attach, notes)
+        cflags = [f"-DCAPTURE_MAX={capture_bytes(config)}", f"-DCONN_MAX={KERNEL_CONNECTIONS}"]
+        return BuildPlan(cflags, resolved.attach, notes)
 
     # --- what ----------------------------------------------------------------------
 
@@ -495,7 +497,7 @@ class OpensslTarget(Target):
         attrs[URL.URL_SCHEME] = "https"
         attrs[URL.URL_PATH] = path
         if query is not None:
-            attrs[URL.URL_QUERY] = http.redact_query(query)
+            attrs[URL.URL_QUERY] = http.url_query(query, ctx.config.capture_raw_query)
         attrs[NETWORK.NETWORK_PROTOCOL_VERSION] = response.version
         if address:
             attrs[SERVER.SERVER_ADDRESS] = address
@@ -520,7 +522,7 @@ class OpensslTarget(Target):
         """Records of nginx processes while the nginx target is enabled: that target reports
         their requests with server-side timing and routes, so they would be counted twice."""
         if self._nginx_enabled is None:
-            enabled = tuple(getattr(ctx.config, "targets", ()) or ()) or tuple(registry.available())
+            enabled = ctx.config.targets or tuple(registry.available())
             self._nginx_enabled = "nginx" in enabled and "nginx" in registry.available()
         if not self._nginx_enabled:
             return False

@@ -1,64 +1,72 @@
-"""PostgreSQL: one SERVER span per query, from the server's USDT probes.
+"""PostgreSQL: one SERVER span per executed statement, from the server's USDT probes.
 
-See probes/postgres.c for the kernel side. Failing queries never fire
-query__done; they end at transaction__abort with the SQLSTATE that errcode()
-saw. An abort with no code is a ROLLBACK (query__done follows at once) or an
-internal elog(ERROR): such records wait here briefly for that query__done.
+See probes/postgres.c for the kernel side: simple-protocol queries (query__start/done),
+extended-protocol Executes (query__execute__start/done in PortalRun, the outermost one
+outside a simple query), and failures in any phase (errcode() + transaction__abort;
+a failing Parse or Bind message included). An abort with no code is a ROLLBACK (its done
+follows at once) or an internal elog(ERROR): such records wait here briefly for that done.
 """
 from __future__ import annotations
 
 import glob
-import mmap
 import os
 import re
-import socket
-import struct
 import time
 from functools import lru_cache
-from importlib import resources
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import yaml
 from opentelemetry.semconv.attributes import db_attributes as DB
-from opentelemetry.semconv.attributes import (
-    client_attributes as CLIENT,
-    error_attributes as ERROR,
-    network_attributes as NETWORK,
-    server_attributes as SERVER,
+from opentelemetry.semconv.attributes import error_attributes as ERROR
+from opentelemetry.semconv.attributes import server_attributes as SERVER
+
+from .. import process
+from ..contract import layout, sql_operation_name
+from ..elf import ElfError, ElfInfo, elf_info, instruction_pointer_expr
+from . import common
+from .base import (
+    KIND_SERVER, BuildPlan, DecodeContext, Inspection, ProbePoint, SpanData, Target, require_resolved,
+    resolve_probe_points,
 )
 
-from .. import process, sql
-from ..elf import ElfError, elf_info
-from .base import (
-    KIND_SERVER, SQL_OPERATIONS, AttachSpec, BuildPlan, DecodeContext, Inspection, SpanData, Target,
-)
+if TYPE_CHECKING:
+    from ..config import Config
 
 PROVIDER = "postgresql"
-PROBES = ("query__start", "query__done", "transaction__abort")
 KIND_DONE, KIND_ABORT, KIND_ABORT_NO_CODE = 1, 2, 3
-# A ROLLBACK's query__done follows its abort within microseconds; wait this long.
+PROTOCOL_SIMPLE, PROTOCOL_EXTENDED, PROTOCOL_MESSAGE = 1, 2, 3  # pg_event.protocol
+# A ROLLBACK's done follows its abort within microseconds; wait this long.
 ABORT_HOLD_NS = 500_000_000
+TAIL_MAX = 256  # bytes of a long query's end the kernel copies (probes/postgres.h)
 
-_HEADER = struct.Struct("<QQIIII28s64s64sII")
-_VERSION_RE = re.compile(rb"\(PostgreSQL\) (\d+)(?:\.(\d+))?")
-_SOCKET_PORT_RE = re.compile(rb"\.s\.PGSQL\.(\d+)")
+PROBE_POINTS = (
+    ProbePoint("on_query_start", usdt=f"{PROVIDER}:query__start"),
+    ProbePoint("on_query_done", usdt=f"{PROVIDER}:query__done"),
+    ProbePoint("on_transaction_abort", usdt=f"{PROVIDER}:transaction__abort"),
+    # PortalRun's own sites: exec_execute_message runs one per Execute message. The sites
+    # in PortalRunMulti (a static function PortalRun calls) would only add probe hits.
+    ProbePoint("on_execute_start", usdt=f"{PROVIDER}:query__execute__start", within="PortalRun", required=False),
+    ProbePoint("on_execute_done", usdt=f"{PROVIDER}:query__execute__done", within="PortalRun", required=False),
+    ProbePoint("on_errcode", symbols=("errcode",), required=False),
+)
+
+RECORD = layout("postgres.h", "pg_event", [
+    ("start_ns", "Q"), ("end_ns", "Q"), ("pid", "I"), ("postmaster_pid", "I"), ("kind", "I"), ("sqlstate", "I"),
+    ("raddr", "28s"), ("laddr", "64s"), ("database", "64s"), ("query_len", "I"), ("protocol", "I"),
+    ("tail_len", "I"), ("flags", "I"),
+], tail="query")
+
+_VERSION_RE = rb"\(PostgreSQL\) (\d+)(?:\.(\d+))?"
 _CMDLINE_DB_RE = re.compile(r"^postgres: (?:[^:]+: )?(\S+) (\S+) ")
 
 
-@lru_cache(maxsize=1)
 def catalog() -> dict:
-    text = (resources.files("otel_ebpf.usdt") / "postgresql.yaml").read_text()
-    return yaml.safe_load(text)
+    return common.catalog("postgresql.yaml")
 
 
 def server_major_version(path: str) -> int | None:
     """The major version a postgres binary reports, read from its own bytes."""
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            m = _VERSION_RE.search(mm)
-            return int(m.group(1)) if m else None
-    except (OSError, ValueError):
-        return None
+    groups = common.search_binary(path, _VERSION_RE)
+    return int(groups[0]) if groups else None
 
 
 def sqlstate_text(code: int) -> str:
@@ -66,18 +74,17 @@ def sqlstate_text(code: int) -> str:
     return "".join(chr(((code >> (6 * i)) & 0x3F) + ord("0")) for i in range(5))
 
 
-def parse_sockaddr(raw: bytes) -> tuple[str, int | None, str | None]:
-    """(family, port, address) of a struct sockaddr prefix; family "" when unset."""
-    family = int.from_bytes(raw[:2], "little")
-    if family == socket.AF_INET:
-        return "ipv4", int.from_bytes(raw[2:4], "big"), socket.inet_ntop(socket.AF_INET, raw[4:8])
-    if family == socket.AF_INET6:
-        return "ipv6", int.from_bytes(raw[2:4], "big"), socket.inet_ntop(socket.AF_INET6, raw[8:24])
-    if family == socket.AF_UNIX:
-        path = raw[2:].split(b"\0", 1)[0]
-        m = _SOCKET_PORT_RE.search(path)
-        return "unix", int(m.group(1)) if m else None, path.decode("utf-8", "replace")
-    return "", None, None
+parse_sockaddr = common.parse_sockaddr
+
+
+def load_base_expr(info: ElfInfo, pcs: Iterable[int]) -> str:
+    """A C expression giving a PIE's load base at any of the sites `pcs`: the instruction
+    pointer minus the site's link-time address (sites told apart by page offset)."""
+    ip = instruction_pointer_expr(info.machine)
+    chain = "0ULL"
+    for pc in pcs:
+        chain = f"(({ip} & 0xfff) == {pc & 0xFFF:#x} ? {ip} - {pc}ULL : {chain})"
+    return chain
 
 
 class PostgresTarget(Target):
@@ -88,19 +95,16 @@ class PostgresTarget(Target):
     kernel_histograms = True
     inflight_keyed_by_tid = True
 
+    def __init__(self) -> None:
+        self._pending: dict[tuple[int, int], tuple[bytes, int]] = {}
+
     def hist_attributes(self, dim: int) -> dict[str, object]:
         """probes/postgres.c: kind in bits 0-7, failed in bit 8, SQLSTATE from bit 9."""
-        op = dim & 0xFF
-        attrs: dict[str, object] = {
-            DB.DB_SYSTEM_NAME: "postgresql",
-            DB.DB_OPERATION_NAME: SQL_OPERATIONS[op] if op < len(SQL_OPERATIONS) else "_OTHER",
-        }
+        attrs: dict[str, object] = {DB.DB_SYSTEM_NAME: "postgresql",
+                                    DB.DB_OPERATION_NAME: sql_operation_name(dim & 0xFF)}
         if dim >> 8 & 1:
             attrs[ERROR.ERROR_TYPE] = sqlstate_text(dim >> 9)
         return attrs
-
-    def __init__(self) -> None:
-        self._pending: dict[tuple[int, int], tuple[bytes, int]] = {}
 
     # --- where -------------------------------------------------------------
     def candidate_paths(self) -> list[str]:
@@ -116,8 +120,7 @@ class PostgresTarget(Target):
             info = elf_info(path)
         except ElfError as exc:
             return Inspection(path, False, "usdt", {}, [str(exc)])
-        present = {f"{PROVIDER}:{p}": bool(info.usdt(PROVIDER, p)) for p in PROBES}
-        present["errcode()"] = info.symbol("errcode") is not None
+        resolved = resolve_probe_points(info, PROBE_POINTS)
         notes = []
         if not info.probes:
             notes.append("built without --enable-dtrace: no USDT probes, nothing to attach")
@@ -125,36 +128,52 @@ class PostgresTarget(Target):
         if version not in catalog()["port_offsets"]:
             notes.append(f"no struct Port layout for PostgreSQL {version}: db.namespace and "
                          "client address come from the backend's process title instead")
-        usable = all(present[f"{PROVIDER}:{p}"] for p in PROBES)
-        return Inspection(path, usable, "usdt", present, notes)
+        protocols = self.protocols(info, resolved.present)
+        if not protocols["extended protocol (Parse/Bind/Execute)"]:
+            notes.append("no query__execute__* probes in PortalRun or no debug_query_string: "
+                         "extended-protocol statements (JDBC, asyncpg, psycopg 3 with parameters) are not seen")
+        usable = not resolved.missing_required
+        return Inspection(path, usable, "usdt", resolved.present, notes, protocols)
 
-    def plan(self, path: str, config: object) -> BuildPlan:
+    @staticmethod
+    def protocols(info: ElfInfo, present: dict[str, bool]) -> dict[str, bool]:
+        simple = present.get(f"{PROVIDER}:query__start", False) and present.get(f"{PROVIDER}:query__done", False)
+        extended = (present.get(f"{PROVIDER}:query__execute__start", False)
+                    and present.get(f"{PROVIDER}:query__execute__done", False)
+                    and info.symbol("debug_query_string") is not None)
+        return {"simple protocol (Query)": simple, "extended protocol (Parse/Bind/Execute)": extended,
+                "errors with SQLSTATE": present.get("errcode()", False)}
+
+    def plan(self, path: str, config: "Config") -> BuildPlan:
         info = elf_info(path)
-        sites = {p: info.usdt(PROVIDER, p) for p in PROBES}
-        missing = [p for p, s in sites.items() if not s]
-        if missing:
-            raise ElfError(f"{path}: no USDT probe {', '.join(PROVIDER + ':' + m for m in missing)} "
-                           "(PostgreSQL built without --enable-dtrace?)")
-        def load_base(probe: str) -> str:
-            # PIE load base = ip - link-time address of the site (told apart by page offset).
-            chain = "0ULL"
-            for site in sites[probe]:
-                chain = f"((ctx->ip & 0xfff) == {site.pc & 0xFFF:#x} ? ctx->ip - {site.pc}ULL : {chain})"
-            return chain
+        resolved = resolve_probe_points(info, PROBE_POINTS)
+        require_resolved(path, resolved, "PostgreSQL built without --enable-dtrace?")
+        extended = self.protocols(info, resolved.present)["extended protocol (Parse/Bind/Execute)"]
+        attach = [a for a in resolved.attach if extended or not a.fn_name.startswith("on_execute")]
 
-        postmaster_pid = info.symbol("PostmasterPid")
-        my_proc_port = info.symbol("MyProcPort")
+        def base(fn: str) -> str:
+            offsets = {a.offset for a in attach if a.fn_name == fn}
+            return load_base_expr(info, [s.pc for s in info.probes if s.provider == PROVIDER
+                                         and s.file_offset in offsets])
+
+        def symbol(name: str) -> int:
+            sym = info.symbol(name)
+            return sym.vaddr if sym else 0
+
         version = server_major_version(path)
-        offsets = catalog()["port_offsets"].get(version) if my_proc_port else None
-        query_max = getattr(config, "query_max_bytes", 1024)
+        offsets = catalog()["port_offsets"].get(version) if symbol("MyProcPort") else None
         cflags = [
-            f"-DQUERY_MAX={query_max}",
+            f"-DQUERY_MAX={config.query_max_bytes}", f"-DTAIL_MAX={TAIL_MAX}",
             f"-DARG_QUERY_START={info.usdt_arg_macro(PROVIDER, 'query__start', 1)}",
             f"-DARG_QUERY_DONE={info.usdt_arg_macro(PROVIDER, 'query__done', 1)}",
-            f"-DLOAD_BASE_QUERY_DONE={load_base('query__done')}",
-            f"-DLOAD_BASE_ABORT={load_base('transaction__abort')}",
-            f"-DSYM_POSTMASTER_PID={postmaster_pid.vaddr if postmaster_pid else 0}ULL",
-            f"-DSYM_MY_PROC_PORT={my_proc_port.vaddr if my_proc_port else 0}ULL",
+            f"-DLOAD_BASE_QUERY_DONE={base('on_query_done')}",
+            f"-DLOAD_BASE_ABORT={base('on_transaction_abort')}",
+            f"-DLOAD_BASE_EXECUTE_START={base('on_execute_start')}",
+            f"-DLOAD_BASE_EXECUTE_DONE={base('on_execute_done')}",
+            f"-DLOAD_BASE_ERRCODE=({instruction_pointer_expr(info.machine)} - {symbol('errcode')}ULL)",
+            f"-DSYM_POSTMASTER_PID={symbol('PostmasterPid')}ULL",
+            f"-DSYM_MY_PROC_PORT={symbol('MyProcPort')}ULL",
+            f"-DSYM_DEBUG_QUERY_STRING={symbol('debug_query_string')}ULL",
             f"-DPORT_OFFSETS={1 if offsets else 0}",
         ]
         notes = []
@@ -163,16 +182,9 @@ class PostgresTarget(Target):
                        f"-DPORT_DATABASE_NAME={offsets['database_name']}"]
         else:
             notes.append(f"PostgreSQL {version}: struct Port layout unknown; db.namespace from process titles")
-        attach = [
-            AttachSpec(fn, site.file_offset, f"{PROVIDER}:{probe}", ref_ctr_offset=site.semaphore_offset)
-            for probe, fn in (("query__start", "on_query_start"), ("query__done", "on_query_done"),
-                              ("transaction__abort", "on_transaction_abort"))
-            for site in sites[probe]
-        ]
-        errcode = info.symbol("errcode")
-        if errcode is not None and errcode.file_offset >= 0:
-            attach.append(AttachSpec("on_errcode", errcode.file_offset, "errcode()"))
-        else:
+        if not extended:
+            notes.append("extended-protocol statements are not seen (no query__execute__* probes in PortalRun)")
+        if not resolved.present.get("errcode()"):
             notes.append("errcode() not found: failed queries get no SQLSTATE")
         return BuildPlan(cflags, attach, notes)
 
@@ -181,61 +193,44 @@ class PostgresTarget(Target):
         out: list[SpanData] = []
         pending = self._pending
         for raw in records:
-            (start, end, pid, postmaster, kind, code, raddr, laddr, database, qlen, _pad) = \
-                _HEADER.unpack_from(raw)
+            if len(raw) < RECORD.size:
+                self.malformed_records += 1
+                continue
+            start, _end, pid, _postmaster, kind, code = RECORD.unpack_from(raw)[:6]
             if kind == KIND_ABORT_NO_CODE:
                 pending[(pid, start)] = (raw, time.monotonic_ns())
                 continue
-            if kind == KIND_DONE and pending.pop((pid, start), None) is not None:
-                pass  # a ROLLBACK: its abort was no error
+            if kind == KIND_DONE:
+                pending.pop((pid, start), None)  # a ROLLBACK: its abort was no error
             out.append(self._span(raw, ctx, error_code=sqlstate_text(code) if kind == KIND_ABORT else None))
         return out
 
     def flush(self, now_mono_ns: int, ctx: DecodeContext, final: bool = False) -> Iterable[SpanData]:
         expired = [k for k, (_, seen) in self._pending.items() if final or now_mono_ns - seen > ABORT_HOLD_NS]
-        # An abort no query__done followed: an internal error, SQLSTATE XX000.
+        # An abort no done followed: an internal error, SQLSTATE XX000.
         return [self._span(self._pending.pop(k)[0], ctx, error_code="XX000") for k in expired]
 
     def _span(self, raw: bytes, ctx: DecodeContext, error_code: str | None) -> SpanData:
-        (start, end, pid, postmaster, kind, code, raddr, laddr, database, qlen, _pad) = \
-            _HEADER.unpack_from(raw)
-        # qlen counts the NUL bpf_probe_read_user_str ends with: without it, the SQL cache's
-        # literal-free fast path applies (queries differing in literals share one analysis).
-        query = raw[_HEADER.size:_HEADER.size + qlen - 1] if qlen else b""
-        config = ctx.config
-        info = sql.analyze(query, "postgresql")
-        attrs: dict[str, object] = {DB.DB_SYSTEM_NAME: "postgresql"}
+        (start, end, pid, postmaster, _kind, _code, raddr, laddr, database, qlen, protocol, tail_len,
+         _flags) = RECORD.unpack_from(raw)
+        at = RECORD.size
+        query = raw[at:at + qlen]
+        tail_at = at + ctx.config.query_max_bytes
+        tail = raw[tail_at:tail_at + tail_len] if tail_len else b""
         db_name = database.split(b"\0", 1)[0].decode("utf-8", "replace") or _db_from_title(pid)
-        if db_name:
-            attrs[DB.DB_NAMESPACE] = db_name
-        if getattr(config, "capture_raw_query", False):
-            attrs[DB.DB_QUERY_TEXT] = query.split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif info.text:
-            attrs[DB.DB_QUERY_TEXT] = info.text
-        if info.summary:
-            attrs[DB.DB_QUERY_SUMMARY] = info.summary
-        if info.operation:
-            attrs[DB.DB_OPERATION_NAME] = info.operation
-        family, port, address = parse_sockaddr(raddr)
-        if family in ("ipv4", "ipv6"):
-            attrs[CLIENT.CLIENT_ADDRESS] = address
-            attrs[CLIENT.CLIENT_PORT] = port
-            attrs[NETWORK.NETWORK_TRANSPORT] = "tcp"
-        elif family == "unix":
-            attrs[NETWORK.NETWORK_TRANSPORT] = "unix"
-        _, server_port, _ = parse_sockaddr(laddr)
+        attrs, info, comment = common.query_attributes("postgresql", "postgresql", db_name, query, tail, ctx.config)
+        attrs.update(common.client_attributes(raddr))
+        _, server_port, _ = common.parse_sockaddr(laddr)
         if server_port:
             attrs[SERVER.SERVER_PORT] = server_port
         if error_code:
-            attrs[DB.DB_RESPONSE_STATUS_CODE] = error_code
-            attrs[ERROR.ERROR_TYPE] = error_code
+            common.set_db_error(attrs, error_code)
         offset = ctx.mono_to_epoch_ns
-        return SpanData(
-            info.summary or "postgresql", KIND_SERVER, start + offset, end + offset, attrs,
-            resource_pid=postmaster or pid, target=self.name,
-            error=error_code is not None,
-            status_message=f"SQLSTATE {error_code}" if error_code else "",
-        )
+        span = SpanData(info.summary or "postgresql", KIND_SERVER, start + offset, end + offset, attrs,
+                        resource_pid=postmaster or pid, target=self.name, error=error_code is not None,
+                        status_message=f"SQLSTATE {error_code}" if error_code else "")
+        common.apply_sql_comment(span, comment)
+        return span
 
 
 @lru_cache(maxsize=4096)

@@ -1,19 +1,28 @@
-"""Known targets by name. A new target is one module here and one C file in probes/."""
+"""The one table of targets: name -> "module:Class". Config, the CLI, doctor and the agent
+read the names from here; a new target is one line here, one module beside this one and
+one C file in probes/ (or, for a USDT start/done pair, one YAML file in usdt/ and no
+code: the `usdt` target runs the catalog).
+
+This module imports no target: the config can name targets without loading them.
+"""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import Target
+if TYPE_CHECKING:
+    from .base import Target
 
-# name in --targets -> "module:Class"
 TARGETS: dict[str, str] = {
     "postgres": "otel_ebpf.targets.postgres:PostgresTarget",
     "mysql": "otel_ebpf.targets.mysql:MysqlTarget",
     "nginx": "otel_ebpf.targets.nginx:NginxTarget",
     "openssl": "otel_ebpf.targets.openssl:OpensslTarget",
+    "usdt": "otel_ebpf.targets.usdt:UsdtCatalogTarget",
 }
+TARGET_NAMES: tuple[str, ...] = tuple(TARGETS)
 
-_instances: dict[str, Target] = {}
+_instances: dict[str, "Target"] = {}
 
 
 def available() -> list[str]:
@@ -28,12 +37,12 @@ def available() -> list[str]:
     return out
 
 
-def create(name: str) -> Target:
+def create(name: str) -> "Target":
     module, cls = TARGETS[name].split(":")
     instance = getattr(importlib.import_module(module), cls)()
     _instances[name] = instance
     return instance
 
 
-def get(name: str) -> Target:
+def get(name: str) -> "Target":
     return _instances.get(name) or create(name)

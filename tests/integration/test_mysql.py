@@ -138,7 +138,8 @@ def test_query_spans_and_kernel_histograms(mariadb, otlp_receiver):
         status = agent.health()[1]
         (unit,) = [t for t in status["targets"] if t["target"] == "mysql" and t["path"] == mariadb.mariadbd]
         assert set(unit["probes"]) == {"dispatch_command()", "dispatch_command() return", "THD::set_db()",
-                                       "THD::reset_db()", "Protocol::net_send_error_packet()"}, unit
+                                       "THD::reset_db()", "Protocol::net_send_error_packet()",
+                                       "Prepared_statement::prepare()", "Prepared_statement::execute_loop()"}, unit
 
         sent = run_workload(mariadb)
         expected = len(sent) + CONNECTIONS  # + each connection's SET NAMES
@@ -401,6 +402,7 @@ def test_paths_without_a_server_here_pass_the_verifier(usdt_binary, layout, trac
     """MySQL 8's layout and the COM_INIT_DB fallback have no server here: prove at least that
     the kernel accepts their programs (loading happens at attach)."""
     from otel_ebpf import bpf
+    from otel_ebpf.attacher import agent_cflags
     from otel_ebpf.config import Config
     from otel_ebpf.targets.mysql import MysqlTarget
 
@@ -408,12 +410,15 @@ def test_paths_without_a_server_here_pass_the_verifier(usdt_binary, layout, trac
     plan = MysqlTarget().plan("/usr/sbin/mariadbd", Config())
     cflags = [f for f in plan.cflags if not f.startswith(("-DDISPATCH_LAYOUT=", "-DTRACK_INIT_DB="))]
     program = bpf.compile_program("mysql-verifier", "mysql.c",
-                                  [*cflags, f"-DDISPATCH_LAYOUT={layout}", f"-DTRACK_INIT_DB={track_init_db}"])
+                                  [*cflags, *agent_cflags(Config()), f"-DDISPATCH_LAYOUT={layout}",
+                                   f"-DTRACK_INIT_DB={track_init_db}"])
     harmless = elf_info(usdt_binary).symbol("my_message_sql").file_offset  # nothing runs it meanwhile
     try:
-        for fn in ("on_dispatch_enter", "on_dispatch_return", "on_error_sent", "on_error_raised", "on_set_db"):
+        functions = ("on_dispatch_enter", "on_dispatch_return", "on_error_sent", "on_error_raised", "on_set_db",
+                     "on_stmt_prepare", "on_stmt_execute")
+        for fn in functions:
             program.attach_uprobe(fn, usdt_binary, harmless, retprobe=fn == "on_dispatch_return", label=fn)
-        assert len(program.attachments) == 5
+        assert len(program.attachments) == len(functions)
     finally:
         program.close()
 

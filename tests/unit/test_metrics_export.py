@@ -38,17 +38,133 @@ def test_histogram_buckets_and_prometheus_text():
     m.add("otel_ebpf.db.slow_operations", {"db.query.summary": 'SELECT "x"'})
     m.set_gauge("otel_ebpf.ringbuf.usage", {"target": "postgres"}, 0.25)
     text = m.prometheus_text()
-    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="0.005"} 2' in text
-    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="0.25"} 3' in text
-    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="+Inf"} 5' in text
-    assert 'db_server_operation_duration_seconds_count{db_system_name="postgresql"} 5' in text
-    assert 'otel_ebpf_db_slow_operations_total{db_query_summary="SELECT \\"x\\""} 1' in text
+    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="0.005"} 2.0' in text
+    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="0.25"} 3.0' in text
+    assert 'db_server_operation_duration_seconds_bucket{db_system_name="postgresql",le="+Inf"} 5.0' in text
+    assert 'db_server_operation_duration_seconds_count{db_system_name="postgresql"} 5.0' in text
+    assert 'otel_ebpf_db_slow_operations_total{db_query_summary="SELECT \\"x\\""} 1.0' in text
     assert 'otel_ebpf_ringbuf_usage_ratio{target="postgres"} 0.25' in text
     req = m.otlp_request({"service.name": "otel-ebpf"})
     metrics = {x.name: x for x in req.resource_metrics[0].scope_metrics[0].metrics}
     hist = metrics["db.server.operation.duration"].histogram.data_points[0]
     assert list(hist.bucket_counts) == [2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 1] and hist.count == 5
     assert metrics["db.server.operation.duration"].unit == "s"
+
+
+# ---------------------------------------------------------------- Prometheus exposition
+
+
+def parse(text: str) -> dict[str, list]:
+    """Families by name, through prometheus_client's own parser: what a scraper reads."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_exposition_is_prometheus_clients_text_format():
+    from otel_ebpf.metrics import prometheus_exposition
+
+    m = MetricStore()
+    m.record_duration("http.server.request.duration", {"http.request.method": "GET"}, 0.02)
+    m.set_counter("otel_ebpf.events", {"target": "nginx"}, 7)
+    m.set_gauge("otel_ebpf.sampling.ratio", {}, 0.5)
+    m.set_gauge("otel_ebpf.probes.attached", {}, 4)
+    body, content_type = prometheus_exposition(m)
+    assert isinstance(body, bytes) and content_type.startswith("text/plain; version=0.0.4")
+    assert m.prometheus_text() == body.decode()
+    families = parse(body.decode())
+    assert families["http_server_request_duration_seconds"].type == "histogram"
+    assert families["otel_ebpf_events"].type == "counter"  # the parser strips _total
+    assert [s.name for s in families["otel_ebpf_events"].samples] == ["otel_ebpf_events_total"]
+    # The gauge of unit "1" named *.ratio is not *_ratio_ratio (the collector's rule).
+    assert families["otel_ebpf_sampling_ratio"].samples[0].value == 0.5
+    assert families["otel_ebpf_probes_attached"].type == "gauge"
+    buckets = [s for s in families["http_server_request_duration_seconds"].samples if s.name.endswith("_bucket")]
+    assert [s.labels["le"] for s in buckets][:3] == ["0.005", "0.01", "0.025"] and buckets[-1].labels["le"] == "+Inf"
+    assert {s.labels["le"] for s in buckets} >= {"1", "10"}  # as Go writes them, not 1.0
+
+
+HOSTILE = {
+    'quote " and \\ backslash': 'quote " and \\ backslash',
+    "new\nline": "new\nline",
+    "brace } and {x=\"y\"} and comma,=": "brace } and {x=\"y\"} and comma,=",
+    "bytes \udcff\udcfe from surrogateescape": "bytes \ufffd\ufffd from surrogateescape",
+    "lone \ud800 surrogate": "lone \ufffd surrogate",
+}
+
+
+def test_hostile_label_values_are_escaped_by_the_library():
+    from otel_ebpf.metrics import prometheus_exposition
+
+    m = MetricStore()
+    for i, value in enumerate(HOSTILE):
+        m.add("otel_ebpf.db.slow_operations", {"db.query.summary": value, "db.namespace": f"db{i}"})
+    m.add("otel_ebpf.db.slow_operations", {"db.query.summary": b"raw \xff bytes", "db.namespace": "raw"})
+    body, _ = prometheus_exposition(m)
+    body.decode("utf-8")  # always valid UTF-8
+    lines = [ln for ln in body.decode().splitlines() if not ln.startswith("#")]
+    assert len(lines) == len(HOSTILE) + 1, "a label value broke out of its line"
+    samples = parse(body.decode())["otel_ebpf_db_slow_operations"].samples
+    got = {s.labels["db_namespace"]: s.labels["db_query_summary"] for s in samples}
+    for i, expected in enumerate(HOSTILE.values()):
+        assert got[f"db{i}"] == expected
+    assert got["raw"] == "raw \ufffd bytes"
+    assert all(s.value == 1.0 for s in samples)
+
+
+def test_series_of_one_metric_may_carry_different_labels():
+    m = MetricStore()
+    m.record_duration("db.server.operation.duration", {"db.system.name": "postgresql"}, 0.01)
+    m.record_duration("db.server.operation.duration", {"db.system.name": "postgresql", "error.type": "42P01"}, 0.01)
+    samples = parse(m.prometheus_text())["db_server_operation_duration_seconds"].samples
+    counts = [s for s in samples if s.name.endswith("_count")]
+    assert sorted(s.labels.get("error_type", "") for s in counts) == ["", "42P01"]
+
+
+def test_openmetrics_on_request_carries_exemplars():
+    from otel_ebpf.metrics import prometheus_exposition
+
+    m = MetricStore()
+    m.record_duration("db.server.operation.duration", {"db.system.name": "mariadb"}, 0.2)
+    m.set_exemplar("db.server.operation.duration", {"db.system.name": "mariadb"}, 0.2, 1_700_000_000 * 10**9,
+                   bytes.fromhex("0af7651916cd43dd8448eb211c80319c"), bytes.fromhex("b7ad6b7169203331"))
+    body, content_type = prometheus_exposition(m, "application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.rstrip().endswith("# EOF")
+    (line,) = [ln for ln in text.splitlines() if "trace_id=" in ln]
+    assert 'le="0.25"' in line and 'trace_id="0af7651916cd43dd8448eb211c80319c"' in line
+
+
+def test_prometheus_names_follow_the_collectors_rules():
+    from otel_ebpf.metrics import prometheus_label_name, prometheus_name
+
+    assert prometheus_name("db.server.operation.duration", "s", "histogram") == "db_server_operation_duration_seconds"
+    assert prometheus_name("otel_ebpf.events", "{event}", "counter") == "otel_ebpf_events_total"
+    assert prometheus_name("otel_ebpf.ringbuf.usage", "1", "gauge") == "otel_ebpf_ringbuf_usage_ratio"
+    assert prometheus_name("otel_ebpf.sampling.ratio", "1", "gauge") == "otel_ebpf_sampling_ratio"
+    assert prometheus_name("otel_ebpf.sampling.ratio", "1", "counter") == "otel_ebpf_sampling_ratio_total"
+    assert prometheus_name("requests.total", "", "counter") == "requests_total"
+    assert prometheus_name("http.server.request.body.size", "By", "histogram") == "http_server_request_body_size_bytes"
+    assert prometheus_name("io.rate", "By/s", "gauge") == "io_rate_bytes_per_second"
+    assert prometheus_name("cpu.time.seconds", "s", "counter") == "cpu_time_seconds_total"
+    assert prometheus_name("2xx.responses", "{response}", "gauge") == "_2xx_responses"
+    assert prometheus_label_name("db.system.name") == "db_system_name"
+    assert prometheus_label_name("_private") == "key_private"
+    assert prometheus_label_name("9lives") == "key_9lives"
+    assert prometheus_label_name("__reserved") == "__reserved"
+
+
+def test_every_metric_has_a_unit_a_description_and_a_kind():
+    from otel_ebpf.metrics import METRIC_INFO, METRIC_KINDS, prometheus_series_names
+
+    assert set(METRIC_KINDS) == set(METRIC_INFO)
+    assert set(METRIC_KINDS.values()) <= {"histogram", "counter", "gauge"}
+    names = [n for metric in METRIC_INFO for n in prometheus_series_names(metric)]
+    assert len(names) == len(set(names)), "two metrics share a Prometheus name"
+    for metric, kind in METRIC_KINDS.items():
+        if kind == "histogram":
+            assert METRIC_INFO[metric][0] == "s", metric
 
 
 def test_series_cap_overflows():
@@ -119,8 +235,8 @@ def test_resources_of_exited_processes_are_forgotten_once_idle(monkeypatch):
 
 
 def test_client_ports_are_not_kept_in_the_attribute_cache():
-    from otel_ebpf import export
+    from otel_ebpf import protobuf
 
-    export._KV_CACHE.clear()
-    export.cached_key_values({"client.port": 40001, "server.port": 5432, "db.system.name": "postgresql"})
-    assert {key[0] for key in export._KV_CACHE} == {"server.port", "db.system.name"}
+    protobuf._KV_CACHE.clear()
+    protobuf.cached_key_values({"client.port": 40001, "server.port": 5432, "db.system.name": "postgresql"})
+    assert {key[0] for key in protobuf._KV_CACHE} == {"server.port", "db.system.name"}

@@ -17,15 +17,14 @@ from otel_ebpf.elf import ElfError, elf_info
 from otel_ebpf.targets import registry
 from otel_ebpf.targets.base import DecodeContext
 from otel_ebpf.targets.mysql import (
-    FLAG_FAILED, FLAG_MARIADB, FLAG_USDT, ERROR_UNKNOWN, MysqlTarget, dispatch_layout,
-    server_flavor,
+    ERROR_UNKNOWN, FLAG_FAILED, FLAG_MARIADB, FLAG_PREPARE, FLAG_PREPARED, FLAG_USDT, RECORD, MysqlTarget,
+    dispatch_layout, server_flavor,
 )
 from tests.support.prereq import require
 
 REPO = Path(__file__).resolve().parents[2]
 MARIADBD = "/usr/sbin/mariadbd"
 MARIADB_DISPATCH = "_Z16dispatch_command19enum_server_commandP3THDPcjb"
-HEADER = struct.Struct("<QQQIIIIII64s")  # struct mysql_event up to query[] (probes/mysql.c)
 EPOCH = 1_700_000_000_000_000_000
 
 
@@ -62,7 +61,9 @@ def test_mariadbd_gets_uprobes_on_dispatch_command(mariadbd):
     ins = target.inspect(mariadbd)
     assert ins.usable and ins.mechanism == "uprobe"
     assert ins.probes == {"mysql:query__start": False, "mysql:query__done": False, "dispatch_command()": True,
-                          "error function": True, "THD::set_db()/reset_db()": True}
+                          "error function": True, "THD::set_db()/reset_db()": True,
+                          "Prepared_statement::prepare()": True, "Prepared_statement::execute_loop()": True}
+    assert ins.protocols == {"text protocol (COM_QUERY)": True, "prepared statements (COM_STMT_EXECUTE)": True}
     text = "\n".join(ins.notes)
     assert re.search(r"MariaDB 10\.\d+\.\d+ \(db\.system\.name=mariadb\)", text)
     assert "no mysql USDT probes (built without DTrace)" in text
@@ -81,7 +82,14 @@ def test_mariadbd_gets_uprobes_on_dispatch_command(mariadbd):
     sent = specs[("on_error_sent", "Protocol::net_send_error_packet()")]
     assert sent.offset == info.symbol("_ZN8Protocol21net_send_error_packetEP3THDjPKcS3_").file_offset
     assert {label for fn, label in specs if fn == "on_set_db"} == {"THD::set_db()", "THD::reset_db()"}
-    assert len(plan.attach) == 5, "two points per query, one per failure, two per database change"
+    prepare = specs[("on_stmt_prepare", "Prepared_statement::prepare()")]
+    assert prepare.offset == info.symbol("_ZN18Prepared_statement7prepareEPKcj").file_offset
+    executes = {a.offset for a in plan.attach if a.fn_name == "on_stmt_execute"}
+    assert executes == {info.symbol(n).file_offset for n in (
+        "_ZN18Prepared_statement12execute_loopEP6StringbPhS2_",
+        "_ZN18Prepared_statement17execute_bulk_loopEP6StringbPhS2_")}
+    assert len(plan.attach) == 8, ("two points per query, one per failure, two per database change, "
+                                   "one per prepare, one per prepared execute (plain or bulk)")
     assert all(a.ref_ctr_offset == 0 for a in plan.attach)
 
 
@@ -171,16 +179,13 @@ def test_hist_attributes():
     assert t.hist_attributes(dim(200))["db.operation.name"] == "_OTHER"
 
 
-def test_c_file_mirrors_python_constants():
-    source = (REPO / "probes/mysql.c").read_text()
-    defines = dict(re.findall(r"#define (FLAG_\w+|ERROR_UNKNOWN|DB_MAX) (\w+)", source))
+def test_header_mirrors_python_constants():
+    source = (REPO / "probes/mysql.h").read_text()
+    defines = dict(re.findall(r"#define (FLAG_\w+|DB_MAX) (\w+)", source))
     assert {k: int(v, 0) for k, v in defines.items()} == {
         "FLAG_MARIADB": FLAG_MARIADB, "FLAG_USDT": FLAG_USDT, "FLAG_FAILED": FLAG_FAILED,
-        "ERROR_UNKNOWN": ERROR_UNKNOWN, "DB_MAX": 64}
-    struct_body = re.search(r"struct mysql_event \{(.*?)\};", source, re.S).group(1)
-    fields = re.findall(r"^\s*(u64|u32|char) (\w+)", struct_body, re.M)
-    assert [f for _, f in fields] == ["start_ns", "end_ns", "connection_id", "pid", "tid", "error_code", "flags",
-                                      "query_len", "copied", "db", "query"]
+        "FLAG_PREPARED": FLAG_PREPARED, "FLAG_PREPARE": FLAG_PREPARE, "DB_MAX": 64}
+    assert re.search(r"#define ERROR_UNKNOWN (\w+)", (REPO / "probes/mysql.c").read_text()).group(1).lower() == hex(ERROR_UNKNOWN)
 
 
 # --- decoding ------------------------------------------------------------------------
@@ -188,7 +193,7 @@ def test_c_file_mirrors_python_constants():
 
 def record(query: bytes, *, db: bytes = b"shop", flags: int = FLAG_MARIADB, error: int = 0, pid: int = 4242,
            start: int = 1_000_000, end: int = 3_000_000) -> bytes:
-    return HEADER.pack(start, end, 0, pid, pid + 1, error, flags, len(query), len(query), db) + query
+    return RECORD.struct.pack(start, end, 0, 0, pid, pid + 1, error, flags, len(query), len(query), 0, 0, db) + query
 
 
 def decode(*raws: bytes, **config) -> list:
@@ -224,8 +229,8 @@ def test_decode_bad_input_is_counted_not_raised():
     target = MysqlTarget()
     ctx = DecodeContext(EPOCH, Config())
     good = record(b"SELECT 'caf\xc3\xa9' \xff\xfe FROM t", db=b"caf\xff")
-    cut = record(b"SELECT 1")[: HEADER.size - 10]
-    overlong = HEADER.pack(0, 1, 0, 1, 1, 0, FLAG_MARIADB, 5000, 5000, b"") + b"SELECT 'secret"  # copied > bytes
+    cut = record(b"SELECT 1")[: RECORD.size - 10]
+    overlong = RECORD.struct.pack(0, 1, 0, 0, 1, 1, 0, FLAG_MARIADB, 5000, 5000, 0, 0, b"") + b"SELECT 'secret"
     spans = list(target.decode([good, cut, b"", overlong], ctx))
     assert target.malformed_records == 2
     assert [s.attributes["db.query.text"] for s in spans] == ["SELECT ? \ufffd\ufffd FROM t", "SELECT ?"]

@@ -44,7 +44,7 @@ def record(*, start: int = 1_000, end: int = 2_000, wall_ms: int = 0, pid: int =
            method: int = 0x2, version: int = 1001, status: int = 200, server_port: int = 8080, https: int = 0,
            client: bytes = b"", ua: bytes = b"", uri: bytes = b"") -> bytes:
     """A ring buffer record as probes/nginx.c writes it."""
-    head = ngx._EVENT.pack(start, end, wall_ms, pid, flags, method, version, status, server_port, https, 0,
+    head = ngx.RECORD.struct.pack(start, end, wall_ms, pid, flags, method, version, status, server_port, https, 0,
                            len(ua), len(uri), client.ljust(28, b"\0"), 0)
     return head + ua + uri
 
@@ -194,7 +194,7 @@ def test_decode_full_record():
     assert span.name == "GET" and span.kind == 2 and not span.error
     assert (span.start_ns, span.end_ns) == (EPOCH_OFFSET + 1_000, EPOCH_OFFSET + 2_000)
     assert span.attributes == {
-        "http.request.method": "GET", "url.path": "/api/orders", "url.query": "id=?&token=?&flag",
+        "http.request.method": "GET", "url.path": "/api/orders", "url.query": "id=REDACTED&token=REDACTED&flag",
         "url.scheme": "http", "http.response.status_code": 200, "network.protocol.version": "1.1",
         "server.port": 8080, "client.address": "10.1.2.3", "client.port": 51000,
         "user_agent.original": "curl/8.0",
@@ -263,10 +263,12 @@ def test_hist_attributes_mirror_the_kernel_key():
 
 
 @pytest.mark.parametrize("query,expected", [
-    ("a=1&b=2", "a=?&b=?"), ("flag", "flag"), ("a=", "a=?"), ("", ""), ("x=1=2&&y", "x=?&&y"),
+    ("a=1&b=2", "a=REDACTED&b=REDACTED"), ("flag", "flag"), ("a=", "a="), ("", ""), ("x=1=2&&y", "x=REDACTED&&y"),
 ])
-def test_sanitize_query(query, expected):
-    assert ngx.sanitize_query(query) == expected
+def test_url_query_keeps_names_and_redacts_values(query, expected):
+    from otel_ebpf import http
+    assert http.url_query(query) == expected
+    assert http.url_query(query, capture_raw=True) == query
 
 
 def test_resource_is_the_process_itself_without_an_nginx_parent():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import ssl  # noqa: F401 - maps libssl into this process, for extra_paths
 import struct
-from types import SimpleNamespace
+import dataclasses
 
 import pytest
 
 from otel_ebpf import process
+from otel_ebpf.config import Config
 from otel_ebpf.elf import ElfError
 from otel_ebpf.targets import openssl as target_module
 from otel_ebpf.targets import registry
@@ -58,7 +59,7 @@ class Wire:
 
 
 def ctx(targets: tuple[str, ...] = ("openssl",)) -> DecodeContext:
-    return DecodeContext(EPOCH, SimpleNamespace(targets=targets))
+    return DecodeContext(EPOCH, dataclasses.replace(Config(), targets=tuple(targets or ())))
 
 
 def decode(target: OpensslTarget, records: list, context: DecodeContext | None = None) -> list:
@@ -329,20 +330,20 @@ def libssl() -> str:
 
 
 def test_plan_attaches_entry_and_return_of_each_call():
-    plan = OpensslTarget().plan(libssl(), SimpleNamespace())
+    plan = OpensslTarget().plan(libssl(), Config())
     labels = [a.label for a in plan.attach]
     for fn in ("SSL_read", "SSL_write"):
         assert f"{fn}()" in labels and f"{fn}() return" in labels
     assert "SSL_free()" in labels
     assert all(a.retprobe == a.label.endswith("return") for a in plan.attach)
     assert "-DCAPTURE_MAX=4096" in plan.cflags
-    assert "-DCAPTURE_MAX=8192" in OpensslTarget().plan(libssl(), SimpleNamespace(tls_capture_bytes=8192)).cflags
-    assert "-DCAPTURE_MAX=4096" in OpensslTarget().plan(libssl(), SimpleNamespace(tls_capture_bytes=1000)).cflags
+    assert "-DCAPTURE_MAX=8192" in OpensslTarget().plan(libssl(), dataclasses.replace(Config(), tls_capture_bytes=8192)).cflags
+    assert "-DCAPTURE_MAX=4096" in OpensslTarget().plan(libssl(), dataclasses.replace(Config(), tls_capture_bytes=1000)).cflags
 
 
 def test_plan_refuses_a_library_without_ssl_read():
     with pytest.raises(ElfError):
-        OpensslTarget().plan("/bin/true" if os.path.exists("/bin/true") else "/usr/bin/true", SimpleNamespace())
+        OpensslTarget().plan("/bin/true" if os.path.exists("/bin/true") else "/usr/bin/true", Config())
     assert not OpensslTarget().inspect("/usr/bin/true").usable
 
 

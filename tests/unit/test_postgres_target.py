@@ -7,14 +7,17 @@ from otel_ebpf.targets.base import DecodeContext
 EPOCH = 1_700_000_000_000_000_000
 
 
-def record(query: bytes, kind: int = pg.KIND_DONE, database: bytes = b"shop") -> bytes:
-    """As the probe writes it: bpf_probe_read_user_str's length counts the closing NUL."""
-    text = query + b"\0"
-    header = pg._HEADER.pack(1_000, 51_000, 4242, 4000, kind, 0, b"", b"", database, len(text), 0)
-    return header + text
+def record(query: bytes, kind: int = pg.KIND_DONE, database: bytes = b"shop",
+           protocol: int = pg.PROTOCOL_SIMPLE, tail: bytes = b"") -> bytes:
+    """As the probe writes it: the query without its closing NUL; a tail after QUERY_MAX bytes."""
+    header = pg.RECORD.struct.pack(1_000, 51_000, 4242, 4000, kind, 0, b"", b"", database, len(query), protocol,
+                                   len(tail), 0)
+    if tail:
+        return header + query.ljust(Config().query_max_bytes, b"\0") + tail
+    return header + query
 
 
-def test_the_closing_nul_is_not_part_of_the_query():
+def test_a_query_decodes():
     spans = list(pg.PostgresTarget().decode([record(b"SELECT * FROM t WHERE id = 7")], DecodeContext(EPOCH, Config())))
     assert len(spans) == 1
     attrs = spans[0].attributes
@@ -37,6 +40,6 @@ def test_queries_differing_in_literals_share_one_analysis():
 
 
 def test_an_empty_query_decodes():
-    raw = pg._HEADER.pack(1_000, 2_000, 1, 1, pg.KIND_DONE, 0, b"", b"", b"", 0, 0)
+    raw = pg.RECORD.struct.pack(1_000, 2_000, 1, 1, pg.KIND_DONE, 0, b"", b"", b"", 0, 0, 0, 0)
     spans = list(pg.PostgresTarget().decode([raw], DecodeContext(EPOCH, Config())))
     assert len(spans) == 1

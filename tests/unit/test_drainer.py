@@ -1,5 +1,6 @@
-"""The drain loop's pace and the kernel's span budget (pure functions of otel_ebpf.pipeline)."""
-from otel_ebpf.pipeline import IDLE_DRAIN_S, next_drain_wait, span_interval_ns
+"""The drain loop's pace and the kernel's span budget (pure functions of the agent's parts)."""
+from otel_ebpf.attacher import span_interval_ns
+from otel_ebpf.drainer import IDLE_DRAIN_S, next_drain_wait
 
 
 def test_drain_wait_backs_off_while_idle_and_snaps_back_on_records():

@@ -1,0 +1,208 @@
+"""The running agent: wiring of the parts, each with one job.
+
+    discovery --(binaries)--> attacher --(programs)--> drainer --(spans)--> accountant
+        --(kept spans)--> export worker;  kernel stats --> MetricStore --> telemetry
+    health server reads status()
+
+Threads: the main loop (discovery, attaching, draining), the export worker, the
+telemetry loop (kernel counters, metric export, in-flight expiry) and the HTTP server.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+from . import bpf, elf, health, outputs
+from .accountant import SpanAccountant
+from .attacher import ATTACHING, FAILED, Attacher, CompileFn, Unit
+from .config import Config
+from .contract import Stat
+from .discovery import Selection, find_binaries
+from .drainer import Drainer, mono_to_epoch_offset, next_drain_wait
+from .exportworker import ExportWorker
+from .kstats import KernelStats
+from .metrics import MetricStore
+from .protobuf import set_value_length_limit
+from .resources import ResourceCache, agent_resource
+from .targets import registry
+from .targets.base import DecodeContext, SpanData
+
+log = logging.getLogger(__name__)
+EXPIRY_INTERVAL_S = 5.0  # how often in-flight starts of vanished threads are dropped
+STATS_INTERVAL_S = 1.0  # how often the kernel's counters are read
+
+
+class Agent:
+    def __init__(self, config: Config, span_observer: Callable[[list[SpanData]], None] | None = None,
+                 compile_fn: CompileFn | None = None):
+        self.config = config
+        self.targets = [registry.create(n) for n in (config.targets or registry.available())]
+        for target in self.targets:
+            target.configure(config)  # e.g. the USDT catalog's own files: a bad one stops the start
+        self.metrics = MetricStore()
+        self.resources = ResourceCache(config.resource_attributes)
+        self.identity = agent_resource(config.agent_service_name, config.resource_attributes, config.health_addr)
+        self.attacher = Attacher(config, compile_fn)
+        self.ctx = DecodeContext(mono_to_epoch_offset(), config)
+        self.drainer = Drainer(self.ctx, self.attacher.attached, lambda: self.targets, config.ringbuf_pages * 4096)
+        self.outputs = outputs.Outputs(config, self.resources)
+        self.exporter = ExportWorker(self.outputs.spans, config.queue_size, config.batch_size,
+                                     config.export_delay_ms / 1000.0, self.outputs.logs, span_observer)
+        self.accountant = SpanAccountant(config, self.metrics, registry.get, self.exporter.put)
+        self.kstats = KernelStats(self.metrics, self.attacher.all_units, lambda: self.targets, registry.get)
+        self.selection = Selection()
+        self.counts = collections.Counter[str]()  # starts.expired
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()  # the first attach round is over
+        self._servers: list = []
+        self._warned: set[str] = set()
+        set_value_length_limit(config.attribute_value_length_limit)
+        elf.set_cache_dir(None if config.cache_dir == "off" else (config.cache_dir or elf.default_cache_dir()))
+
+    # --- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._servers.append(health.serve(self.config.health_addr, health.health_responder(self.status)))
+        if self.config.prometheus_addr:
+            self._servers.append(health.serve(self.config.prometheus_addr, self._prometheus))
+        self.exporter.start()
+        threading.Thread(target=self._telemetry_loop, name="otel-ebpf-telemetry", daemon=True).start()
+        if self.config.sdk_disabled:
+            log.warning("OTEL_SDK_DISABLED=true: nothing is attached and nothing is exported")
+        else:
+            stale = bpf.remove_stale_events()
+            if stale:
+                log.info("removed %d uprobe events left by agents that were killed", stale)
+            self.attach_new(check=True)
+        self.ready.set()
+
+    def run(self) -> None:
+        """Drain until stop_event is set, then shut down cleanly."""
+        self.start()
+        try:
+            busy_wait_s = self.config.drain_interval_ms / 1000.0
+            wait_s, last_scan = busy_wait_s, time.monotonic()
+            while not self.stop_event.is_set():
+                records = self.poll_once()
+                if time.monotonic() - last_scan > self.config.rescan_interval_s and not self.config.sdk_disabled:
+                    last_scan = time.monotonic()
+                    self.attach_new()
+                    self.resources.forget_exited()
+                wait_s = next_drain_wait(records, wait_s, busy_wait_s)
+                self.stop_event.wait(wait_s)
+        finally:
+            self.shutdown()
+
+    def attach_new(self, check: bool = False) -> None:
+        """Find binaries and attach the new ones, each on its own. bcc's compiler is not
+        thread-safe (two compiles in two threads crash the process): one at a time.
+        With `check` (the first round) a binary the configuration cannot use stops the agent."""
+        self.selection = find_binaries(self.targets, self.config, self._warn_once)
+        if check:
+            for target, path, _fid in self.selection.binaries:
+                target.check(path)
+        units = self.attacher.new_units(self.selection.binaries)
+        for unit in units:
+            self.attacher.attach(unit)
+        if units:
+            bpf.release_compiler_memory()
+        self.attacher.apply_selection(self.selection)
+
+    def poll_once(self, final: bool = False) -> int:
+        records, spans = self.drainer.poll(final)
+        if spans:
+            for pid in {s.resource_pid for s in spans}:
+                self.resources.proto(pid)  # read /proc now: a short-lived client may be gone later
+            self.accountant.account(spans)
+        return records
+
+    def _telemetry_loop(self) -> None:
+        interval = self.config.metric_interval_ms / 1000.0
+        next_export = time.monotonic() + interval
+        next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
+        while not self.stop_event.wait(STATS_INTERVAL_S):
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
+                self.counts["starts.expired"] += self.attacher.expire_inflight()
+            self.read_stats()
+            if time.monotonic() >= next_export:
+                next_export = time.monotonic() + interval
+                self.outputs.send_metrics(self.metrics, self.identity)
+
+    def read_stats(self) -> None:
+        self.kstats.read(self.agent_counts(), self.config.sample_ratio)
+
+    def agent_counts(self) -> collections.Counter[str]:
+        return self.counts + self.exporter.counts + self.drainer.counts + self.accountant.counts
+
+    def shutdown(self) -> None:
+        """Detach first (the watched programs stop paying), then drain and flush."""
+        self.stop_event.set()
+        self.attacher.detach_all()
+        self.poll_once(final=True)
+        self.exporter.stop()
+        self.read_stats()
+        self.outputs.send_metrics(self.metrics, self.identity)
+        self.outputs.shutdown()
+        self.attacher.close_all()
+        for server in self._servers:
+            health.close(server)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    # --- what it says about itself --------------------------------------------------------
+
+    def status(self) -> dict:
+        units = self.attacher.all_units()
+        failed = [u for u in units if u.state == FAILED]
+        attaching = not self.ready.is_set() or any(u.state == ATTACHING for u in units)
+        if self.stop_event.is_set():
+            state = "stopping"
+        elif self.config.sdk_disabled:
+            state = "disabled"
+        elif attaching:
+            state = "starting"
+        else:
+            state = "degraded" if failed else "ok"
+        counts = self.agent_counts()
+        return {
+            "status": state,
+            "ready": not attaching and not self.stop_event.is_set(),
+            "service.instance.id": self.identity.get("service.instance.id"),
+            "targets": [_unit_status(u) for u in units],
+            "probes_attached": sum(len(u.labels) for u in units if u.program is not None),
+            "attach_failures": len(failed),
+            "events_seen": sum(u.stats[Stat.EVENTS] for u in units),
+            "events_lost": sum(u.stats[Stat.LOST] for u in units),
+            "starts_unmatched": sum(u.stats[Stat.UNMATCHED] for u in units),
+            "starts_expired": counts["starts.expired"],
+            "spans_exported": counts["spans.exported"],
+            "spans_dropped": sum(v for k, v in counts.items() if k.startswith("spans.dropped.")),
+            "spans_sampled_out": counts["spans.sampled_out"] + sum(u.stats[Stat.SAMPLED_OUT] for u in units),
+            "sampling_ratio": self.config.sample_ratio,
+            "queue_length": len(self.exporter),
+            "caches": {"resources": len(self.resources)},
+        }
+
+    def _prometheus(self, path: str) -> tuple[int, str, bytes]:
+        if path.rstrip("/") not in ("/metrics", ""):
+            return 404, "text/plain", b"not found\n"
+        self.read_stats()
+        return 200, "text/plain; version=0.0.4", self.metrics.prometheus_text().encode()
+
+
+def _unit_status(u: Unit) -> dict:
+    out: dict = {"target": u.target.name, "path": u.path, "state": u.state, "probes": u.labels}
+    if u.error:
+        out["error"] = u.error
+    if u.notes:
+        out["notes"] = u.notes
+    if u.timings:
+        out["seconds"] = {k: round(v, 3) for k, v in u.timings.items()}
+    return out
