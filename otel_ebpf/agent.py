@@ -13,7 +13,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 from . import bpf, elf, health, outputs
 from .accountant import SpanAccountant
@@ -24,7 +24,7 @@ from .discovery import Selection, find_binaries
 from .drainer import Drainer, mono_to_epoch_offset, next_drain_wait
 from .exportworker import ExportWorker
 from .kstats import KernelStats
-from .metrics import MetricStore
+from .metrics import MetricStore, prometheus_exposition
 from .protobuf import set_value_length_limit
 from .resources import ResourceCache, agent_resource
 from .targets import registry
@@ -32,6 +32,7 @@ from .targets.base import DecodeContext, SpanData
 
 log = logging.getLogger(__name__)
 EXPIRY_INTERVAL_S = 5.0  # how often in-flight starts of vanished threads are dropped
+PARENTS_WINDOW_NS = 10 * 10**9  # after a span joined a trace, the kernel looks for parents this long
 STATS_INTERVAL_S = 1.0  # how often the kernel's counters are read
 
 
@@ -59,6 +60,7 @@ class Agent:
         self.ready = threading.Event()  # the first attach round is over
         self._servers: list = []
         self._warned: set[str] = set()
+        self._parents_told: dict[str, int] = {}  # target -> when the kernel was last told (mono ns)
         set_value_length_limit(config.attribute_value_length_limit)
         elf.set_cache_dir(None if config.cache_dir == "off" else (config.cache_dir or elf.default_cache_dir()))
 
@@ -116,8 +118,22 @@ class Agent:
         if spans:
             for pid in {s.resource_pid for s in spans}:
                 self.resources.proto(pid)  # read /proc now: a short-lived client may be gone later
+            self._note_parents(spans)
             self.accountant.account(spans)
         return records
+
+    def _note_parents(self, spans: list[SpanData]) -> None:
+        """Spans that joined an application's trace: their targets' kernel side keeps
+        sampled parents over the budget for a while (probes/common.h keep_for_parent)."""
+        joined = {s.target for s in spans if s.parent_span_id}
+        if not joined:
+            return
+        now = time.monotonic_ns()
+        due = {t for t in joined if now - self._parents_told.get(t, 0) > 10**9}
+        if due:
+            for t in due:
+                self._parents_told[t] = now
+            self.attacher.parents_seen(due, now + PARENTS_WINDOW_NS)
 
     def _telemetry_loop(self) -> None:
         interval = self.config.metric_interval_ms / 1000.0
@@ -190,11 +206,13 @@ class Agent:
             "caches": {"resources": len(self.resources)},
         }
 
-    def _prometheus(self, path: str) -> tuple[int, str, bytes]:
+    def _prometheus(self, path: str, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """/metrics: the Prometheus text format, or OpenMetrics (with exemplars) when asked."""
         if path.rstrip("/") not in ("/metrics", ""):
             return 404, "text/plain", b"not found\n"
         self.read_stats()
-        return 200, "text/plain; version=0.0.4", self.metrics.prometheus_text().encode()
+        body, ctype = prometheus_exposition(self.metrics, headers.get("Accept"))
+        return 200, ctype, body
 
 
 def _unit_status(u: Unit) -> dict:

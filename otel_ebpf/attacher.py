@@ -83,7 +83,8 @@ def agent_cflags(config: Config) -> list[str]:
             # A burst of `span_burst` spans fits at once: the budget's due time may run
             # that many intervals ahead of now.
             f"-DSPAN_BURST_NS={interval * max(config.span_burst - 1, 0)}ULL",
-            f"-DPID_FILTER={pid_filter_mode(Selectors.of(config))}"]
+            f"-DPID_FILTER={pid_filter_mode(Selectors.of(config))}",
+            f"-DPARENT_BASED={int(config.traces_sampler.startswith('parentbased_'))}"]
 
 
 def pid_filter_mode(selectors: Selectors) -> int:
@@ -167,6 +168,16 @@ class Attacher:
                                                     if not exists(p)])
             except Exception:  # noqa: BLE001 - a program closing under us
                 log.debug("updating the pid filter of %s failed", unit.path, exc_info=True)
+
+    def parents_seen(self, target_names: set[str], until_mono_ns: int) -> None:
+        """Tell the kernel side of these targets that their spans join traces lately: until
+        `until_mono_ns` it looks for a sampled parent in spans the budget drops."""
+        for unit in self.attached():
+            if unit.target.name in target_names and unit.program is not None:
+                try:
+                    unit.program.set_array_value("parents_until", 0, until_mono_ns)
+                except Exception:  # noqa: BLE001 - a program closing under us, or without the map
+                    log.debug("setting parents_until of %s failed", unit.path, exc_info=True)
 
     def attached(self) -> list[Unit]:
         """Units whose program runs (READY)."""

@@ -263,12 +263,26 @@ def source_text(c_file: str, directory: str | None = None) -> str:
     return expand(c_file)
 
 
+def use_kernel_headers() -> str:
+    """Point bcc at the kernel headers kheaders.py finds (the running kernel's, another
+    kernel's, the image's bundled ones): BCC_KERNEL_SOURCE when bcc would not find them
+    by itself. Returns what was chosen, for the log and doctor."""
+    import platform
+
+    from . import kheaders
+    source = kheaders.find_kernel_headers(platform.release(), os.environ)
+    for key, value in kheaders.compile_environment(source).items():
+        os.environ.setdefault(key, value)
+    return f"{source.kind}: {source.path}"
+
+
 def compile_program(name: str, c_file: str, cflags: list[str]) -> Program:
     """Compile one of the shipped probe files with its -D constants."""
     if bcc is None:
         raise BpfError(f"bcc is not importable ({BCC_IMPORT_ERROR}); install python3-bpfcc")
     text = source_text(c_file)
     flags = ["-Wno-unused-function", "-Wno-unused-variable", *cflags]
+    use_kernel_headers()
     try:
         b = bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as exc:

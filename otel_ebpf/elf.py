@@ -1080,7 +1080,14 @@ def _member_location(member) -> int | None:
     return None
 
 
+SIZE_MEMBER = "@size"  # in `wanted`: the struct's own size (DW_AT_byte_size), not a member
+
+
 def _member_offset(struct_die, dotted: str) -> int | None:
+    if dotted == SIZE_MEMBER:
+        die = _strip_type(struct_die)
+        size = die.attributes.get("DW_AT_byte_size") if die is not None else None
+        return size.value if size is not None and isinstance(size.value, int) else None
     offset = 0
     die = struct_die
     for part in dotted.split("."):

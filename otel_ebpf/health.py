@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Mapping
 
-Responder = Callable[[str], tuple[int, str, bytes]]
+# (path, request headers) -> (status, content type, body)
+Responder = Callable[[str, Mapping[str, str]], tuple[int, str, bytes]]
 
 
 def json_response(code: int, body: dict) -> tuple[int, str, bytes]:
@@ -24,7 +25,7 @@ def json_response(code: int, body: dict) -> tuple[int, str, bytes]:
 def health_responder(status: Callable[[], dict]) -> Responder:
     """/healthz and /readyz from one status() dict (see Agent.status)."""
 
-    def respond(path: str) -> tuple[int, str, bytes]:
+    def respond(path: str, headers: Mapping[str, str] | None = None) -> tuple[int, str, bytes]:
         path = path.rstrip("/")
         if path not in ("/healthz", "/readyz"):
             return 404, "text/plain", b"not found\n"
@@ -43,7 +44,7 @@ def serve(addr: str, respond: Responder) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             try:
-                code, ctype, body = respond(self.path.split("?", 1)[0])
+                code, ctype, body = respond(self.path.split("?", 1)[0], self.headers)
             except Exception:  # noqa: BLE001 - an endpoint bug must not kill the thread
                 code, ctype, body = 500, "text/plain", b"internal error\n"
             self.send_response(code)

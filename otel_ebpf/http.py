@@ -15,8 +15,8 @@ prefix are counted as body when the framing says they are body, and lose the
 framing ("lost") when they may hold the next message's head.
 
 Only what a span needs is read from the headers (Host, User-Agent,
-Content-Length, Transfer-Encoding, Connection): every other header, such as
-Authorization or Cookie, is skipped without being decoded or stored.
+Content-Length, Transfer-Encoding, Connection, traceparent, tracestate): every other
+header, such as Authorization or Cookie, is skipped without being decoded or stored.
 
 Pure Python, no imports from this project.
 """
@@ -67,6 +67,8 @@ class RequestHead:
     chunked: bool = False
     other_coding: bool = False  # a Transfer-Encoding other than a final "chunked"
     connection_close: bool = False
+    traceparent: str | None = None  # W3C trace context; "" when sent more than once (invalid)
+    tracestate: str | None = None
 
 
 @dataclass(slots=True)
@@ -463,6 +465,12 @@ def _read_fields(lines: list[bytes], head: RequestHead | ResponseHead) -> str | 
             head.host = value.strip().decode("utf-8", "replace")
         elif name == b"user-agent" and isinstance(head, RequestHead):
             head.user_agent = value.strip().decode("utf-8", "replace")
+        elif name == b"traceparent" and isinstance(head, RequestHead):
+            # Two traceparent headers make the context invalid (W3C trace context).
+            head.traceparent = "" if head.traceparent is not None else value.strip().decode("ascii", "replace")
+        elif name == b"tracestate" and isinstance(head, RequestHead):
+            text = value.strip().decode("ascii", "replace")
+            head.tracestate = text if head.tracestate is None else f"{head.tracestate},{text}"
     if len(lengths) > 1:
         return ERR_BAD_HEAD
     if codings:

@@ -9,7 +9,8 @@ A file names the binaries it applies to and its pairs:
       processes: [python3*]             # or executable names of running processes
       provider: python                  # default provider of the pairs
       resource: process                 # or parent: a child's spans go to a parent running
-                                        # the same executable (PostgreSQL's postmaster)
+                                        # the same executable; or {symbol: NAME}: a global
+                                        # of the binary holds the pid (PostmasterPid)
     pairs:
       - name: cpython.gc                # unique across the catalog
         start: gc__start
@@ -95,12 +96,14 @@ class Pair:
 class BinarySet:
     paths: tuple[str, ...]
     processes: tuple[str, ...]
-    resource: str  # "process" | "parent"
+    resource: str  # "process" | "parent" | "symbol"
     pairs: tuple[Pair, ...]
     source: str
+    resource_symbol: str = ""  # with resource "symbol": the u32 global holding the pid
 
     def candidate_paths(self) -> list[str]:
-        return sorted({p for pattern in self.paths for p in glob.glob(pattern) if os.path.isfile(p)})
+        """Files the path globs find that are ELF binaries (python3.11-config is a script)."""
+        return sorted({p for pattern in self.paths for p in glob.glob(pattern) if _is_elf(p)})
 
     def matches_exe(self, exe: str) -> bool:
         import fnmatch
@@ -117,6 +120,14 @@ class Catalog:
     @property
     def pairs(self) -> list[Pair]:
         return [p for s in self.sets for p in s.pairs]
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return os.path.isfile(path) and fh.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 class _Loader(yaml.SafeLoader):
@@ -179,8 +190,11 @@ def load_file(path: str) -> BinarySet:
     if not paths and not processes:
         raise CatalogError(f"{path}:{_line(binaries)}: `binaries` needs `paths` or `processes`")
     resource = binaries.get("resource", "process")
-    if resource not in ("process", "parent"):
-        raise CatalogError(f"{path}:{_line(binaries)}: resource must be `process` or `parent`")
+    resource_symbol = ""
+    if isinstance(resource, dict) and set(resource) == {"symbol"} and isinstance(resource["symbol"], str):
+        resource, resource_symbol = "symbol", resource["symbol"]
+    elif resource not in ("process", "parent"):
+        raise CatalogError(f"{path}:{_line(binaries)}: resource must be `process`, `parent` or {{symbol: NAME}}")
     provider = binaries.get("provider", "")
     raw_pairs = data.get("pairs")
     if not isinstance(raw_pairs, list) or not raw_pairs:
@@ -188,7 +202,7 @@ def load_file(path: str) -> BinarySet:
     if len(raw_pairs) > MAX_PAIRS_PER_BINARY:
         raise CatalogError(f"{path}:{_line(data)}: at most {MAX_PAIRS_PER_BINARY} pairs per file")
     pairs = tuple(_pair(path, raw, provider) for raw in raw_pairs)
-    return BinarySet(tuple(paths), tuple(processes), resource, pairs, f"{path}:{_line(binaries)}")
+    return BinarySet(tuple(paths), tuple(processes), resource, pairs, f"{path}:{_line(binaries)}", resource_symbol)
 
 
 def _pair(path: str, raw: Any, default_provider: str) -> Pair:

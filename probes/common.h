@@ -8,7 +8,7 @@
  *   DURATION_BUCKET_CHAIN     DURATION_BUCKET(index, upper bound ns) ..., DURATION_BUCKET_INF
  *   SQL_KEYWORD_CHAIN         SQL_KEYWORD(length, code, little-endian u64 of the word) ...
  * and per agent (otel_ebpf/attacher.py): RINGBUF_PAGES, SAMPLE_PERMILLE, SLOW_NS,
- * SPAN_INTERVAL_NS, SPAN_BURST_NS, PID_FILTER. A program that keeps no kernel histograms defines
+ * SPAN_INTERVAL_NS, SPAN_BURST_NS, PID_FILTER, PARENT_BASED. A program that keeps no kernel histograms defines
  * NO_KERNEL_HISTOGRAMS.
  *
  * Maps (read by otel_ebpf/kstats.py through bpf.Program):
@@ -17,6 +17,9 @@
  *   hist         duration histogram counts by (dim, bucket)
  *   hist_sum     duration sums (ns) by dim
  *   span_budget  when the next span is due under the span budget (GCRA)
+ *   parent_budget  the same, for spans kept over the budget because their parent was sampled
+ *   parents_until  until when (monotonic ns) the agent saw this program's spans join traces:
+ *                the kernel looks for a sampled parent in a dropped span only meanwhile
  * `dim` is a target-defined low-cardinality key, decoded by its Target.hist_attributes().
  */
 #ifndef OTEL_EBPF_COMMON_H
@@ -48,10 +51,15 @@
 #ifndef SPAN_BURST_NS
 #define SPAN_BURST_NS 1000000000ULL
 #endif
+#ifndef PARENT_BASED
+#define PARENT_BASED 1 /* OTEL_TRACES_SAMPLER parentbased_*: a sampled parent keeps its child */
+#endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 BPF_ARRAY(span_budget, u64, 1);
+BPF_ARRAY(parent_budget, u64, 1);
+BPF_ARRAY(parents_until, u64, 1);
 
 /* Process selection (discovery.py: listening ports, containers). PID_FILTER 1: only the
  * processes in `pid_filter`; 2: every process but those; 0 (default): every process.
@@ -139,19 +147,21 @@ static __always_inline void hist_record(u64 dim, u64 duration_ns)
  * pushes it SPAN_INTERVAL_NS (1 s / the limit) later. With SPAN_BURST_NS = 1 s a quiet
  * agent takes a burst of a whole second's budget at once; sustained load above the limit
  * gets one span per interval. Two CPUs racing may let one extra span through. */
-static __always_inline int within_budget(u64 now)
+static __always_inline int gcra_admit(u64 *due, u64 now)
 {
-    if (SPAN_INTERVAL_NS == 0)
-        return 1;
-    int zero = 0;
-    u64 *due = span_budget.lookup(&zero);
-    if (!due)
+    if (SPAN_INTERVAL_NS == 0 || !due)
         return 1;
     u64 next = *due;
     if (next > now + SPAN_BURST_NS)
         return 0;
     *due = (next > now ? next : now) + SPAN_INTERVAL_NS;
     return 1;
+}
+
+static __always_inline int within_budget(u64 now)
+{
+    int zero = 0;
+    return gcra_admit(span_budget.lookup(&zero), now);
 }
 
 /* Whether a finished operation goes to the ring buffer as a span: failed and slow ones
@@ -167,6 +177,54 @@ static __always_inline int sample_keep(u64 now, u64 duration_ns, int failed)
     }
     return 1;
 }
+
+/* A span the budget dropped may still go when its parent (from the application: a
+ * sqlcommenter comment, a traceparent header) was sampled: sampled parents are kept
+ * before unsampled spans while the budget is tight, within a budget of their own. Looking
+ * for the parent costs, so the kernel does it only while the agent has lately seen this
+ * program's spans join traces (`parents_until`). */
+static __always_inline int parents_recently(u64 now)
+{
+    if (!PARENT_BASED)
+        return 0;
+    int zero = 0;
+    u64 *until = parents_until.lookup(&zero);
+    return until && now < *until;
+}
+
+/* The dropped span goes after all: its parent was sampled and the parents' budget has room. */
+static __always_inline int keep_for_parent(u64 now)
+{
+    int zero = 0;
+    if (!gcra_admit(parent_budget.lookup(&zero), now))
+        return 0;
+    int index = STAT_SAMPLED_OUT;
+    u64 *value = stats.lookup(&index);
+    if (value && *value)
+        (*value)--;
+    stat_inc(STAT_KEPT_BY_PARENT);
+    return 1;
+}
+
+static __always_inline u32 hex_value(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : 16;
+}
+
+/* Whether the last TP_SUFFIX bytes of a text (s[TP_SUFFIX - 1] is its last character)
+ * end a sqlcommenter comment whose last key is a sampled traceparent:
+ * traceparent='00-<32 hex>-<16 hex>-<flags>' then the comment's close. Fixed offsets. */
+#define TP_SUFFIX 72
+#define TP_AT(k) s[TP_SUFFIX - (k)]
+static __always_inline int sampled_traceparent_suffix(const char *s)
+{
+    if (TP_AT(1) != '/' || TP_AT(2) != '*' || TP_AT(3) != '\'' || TP_AT(6) != '-' || TP_AT(23) != '-' ||
+        TP_AT(56) != '-' || TP_AT(59) != '\'' || TP_AT(60) != '=' || TP_AT(61) != 't' || TP_AT(71) != 't')
+        return 0;
+    u32 flags = hex_value(TP_AT(4));
+    return flags < 16 && hex_value(TP_AT(5)) < 16 && (flags & 1);
+}
+#undef TP_AT
 
 /* SQL statement kind from the first keyword, for low-cardinality metric keys. Keywords
  * and their codes come from otel_ebpf/contract.py (SQL_OPERATIONS); 0 = other. They are

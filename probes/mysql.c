@@ -168,6 +168,22 @@ static __always_inline void copy_statement_text(struct mysql_event *ev)
     bpf_probe_read_kernel(ev->tail, TAIL_MAX, st->tail);
 }
 
+/* Whether the statement's text ends with a sqlcommenter comment of a sampled parent. */
+static __always_inline int sampled_parent(struct mysql_event *ev)
+{
+    if (ev->stmt)
+        copy_statement_text(ev);
+    if (ev->tail_len)
+        return sampled_traceparent_suffix(ev->tail + TAIL_MAX - TP_SUFFIX);
+    u32 copied = ev->copied;
+    if (copied < TP_SUFFIX || copied > QUERY_MAX)
+        return 0;
+    char suffix[TP_SUFFIX];
+    if (bpf_probe_read_kernel(suffix, TP_SUFFIX, ev->query + ((copied - TP_SUFFIX) & (QUERY_MAX - 1))) != 0)
+        return 0;
+    return sampled_traceparent_suffix(suffix);
+}
+
 /* Histogram for every finished statement; the record only when sampling keeps it. */
 static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int failed)
 {
@@ -178,7 +194,10 @@ static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int fa
         ev->error_code = 0; /* an error a handler swallowed */
     u64 duration = ev->end_ns - ev->start_ns;
     hist_record(hist_dim(ev, failed), duration);
-    if (sample_keep(ev->end_ns, duration, failed)) {
+    int keep = sample_keep(ev->end_ns, duration, failed);
+    if (!keep && parents_recently(ev->end_ns) && sampled_parent(ev))
+        keep = keep_for_parent(ev->end_ns);
+    if (keep) {
         if (ev->stmt)
             copy_statement_text(ev);
         u32 size = offsetof(struct mysql_event, query) + (ev->copied & (QUERY_MAX - 1));

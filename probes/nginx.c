@@ -25,6 +25,8 @@
  *   HAVE_SCHEME    R_CONNECTION C_SSL
  *   HAVE_UA        R_USER_AGENT TE_VALUE
  *   HAVE_NGX_START R_START_SEC R_START_MSEC, and WALL_MINUS_MONO_NS (measured at plan time)
+ *   HAVE_TRACEPARENT R_HEADERS TE_HASH TE_KEY TE_VALUE TE_SIZE, and TRACEPARENT_HASH (nginx's
+ *                  hash of "traceparent", which it keeps for every header it parsed)
  * R_BLOCK and C_BLOCK are the bytes of ngx_http_request_t and ngx_connection_t that
  * hold every member read (multiples of 8, 0 for none): each is read with one helper
  * call, since a user read costs about 0.1 us here and there would be a dozen.
@@ -73,6 +75,11 @@
 #ifndef HAVE_NGX_START
 #define HAVE_NGX_START 0
 #endif
+#ifndef HAVE_TRACEPARENT
+#define HAVE_TRACEPARENT 0
+#endif
+/* Headers of the first part of r->headers_in.headers looked at (nginx allocates 20). */
+#define TP_SCAN 20
 
 struct req_key {
     u64 r;
@@ -90,6 +97,9 @@ struct scratch_space {
     struct nginx_event ev;
     u8 request[R_BLOCK + 8];
     u8 connection[C_BLOCK + 8];
+#if HAVE_TRACEPARENT
+    u8 headers[TP_SCAN * TE_SIZE];
+#endif
 };
 
 BPF_TABLE("lru_hash", struct req_key, u64, inflight, INFLIGHT_MAX);
@@ -177,6 +187,51 @@ static __always_inline void read_strings(struct scratch_space *sp, struct nginx_
         ev->flags |= F_UA;
     ev->ua_len = ua_len;
     ev->uri_len = uri_len;
+}
+
+/* The traceparent header as nginx parsed it: found in the request's header list by the
+ * hash and length of its name, read only for requests kept as spans. Two of them make the
+ * context invalid (W3C): none is taken then. */
+static __always_inline void read_traceparent(struct scratch_space *sp, struct nginx_event *ev)
+{
+    ev->tp_len = 0;
+#if HAVE_TRACEPARENT
+    u64 elts = R_FIELD(sp, R_HEADERS + 8);
+    u64 nelts = R_FIELD(sp, R_HEADERS + 16);
+    if (!elts || !nelts || bpf_probe_read_user(sp->headers, sizeof(sp->headers), (void *)elts) != 0)
+        return;
+    int found = 0;
+    for (int i = 0; i < TP_SCAN; i++) {
+        if (i >= nelts)
+            break;
+        u8 *e = sp->headers + i * TE_SIZE;
+        if (*(u64 *)(e + TE_HASH) != TRACEPARENT_HASH || *(u64 *)(e + TE_KEY) != 11)
+            continue;
+        if (found++) {
+            ev->tp_len = 0;
+            ev->flags &= ~F_TRACEPARENT;
+            return;
+        }
+        u64 len = *(u64 *)(e + TE_VALUE);
+        u64 data = *(u64 *)(e + TE_VALUE + 8);
+        u32 m = clamp_len(len, TP_MAX - 1) & (TP_MAX - 1);
+        if (data && m && bpf_probe_read_user(ev->traceparent, m, (void *)data) == 0) {
+            ev->tp_len = m;
+            ev->flags |= F_TRACEPARENT;
+        }
+    }
+#endif
+}
+
+/* Whether the request carries a sampled parent (its traceparent's flags): for a request
+ * the budget dropped, see keep_for_parent in common.h. */
+static __always_inline int sampled_parent(struct scratch_space *sp, struct nginx_event *ev)
+{
+    read_traceparent(sp, ev);
+    if (ev->tp_len != 55)
+        return 0;
+    u32 flags = hex_value(ev->traceparent[54]);
+    return flags < 16 && (flags & 1);
 }
 
 static __always_inline void read_addresses(struct scratch_space *sp, struct nginx_event *ev)
@@ -289,15 +344,21 @@ int on_request_end(struct pt_regs *ctx)
 #endif
 
     hist_record(hist_dim(ev), duration);
-    if (!sample_keep(end, duration, ev->status >= 500))
-        return 0;
+    ev->tp_len = 0;
+    if (!sample_keep(end, duration, ev->status >= 500)) {
+        if (!(have_request && parents_recently(end) && sampled_parent(sp, ev) && keep_for_parent(end)))
+            return 0;
+    }
 
     if (have_connection)
         read_addresses(sp, ev);
     ev->ua_len = 0;
     ev->uri_len = 0;
-    if (have_request)
+    if (have_request) {
         read_strings(sp, ev);
+        if (!(ev->flags & F_TRACEPARENT))
+            read_traceparent(sp, ev);
+    }
     u32 size = offsetof(struct nginx_event, data) + (ev->ua_len & (UA_MAX - 1)) + (ev->uri_len & (URI_MAX - 1));
     emit_record(ev, size);
     return 0;

@@ -27,6 +27,9 @@
 #define F_UA (1 << 7)
 #define F_NGX_START (1 << 8) /* start_ns is 0: the request started at start_wall_ms */
 #define F_URI_CUT (1 << 9)   /* the URI was longer than URI_MAX - 1 bytes */
+#define F_TRACEPARENT (1 << 10) /* traceparent[] holds the request's traceparent header */
+
+#define TP_MAX 64 /* a traceparent header is 55 characters */
 
 struct nginx_event {
     u64 start_ns;      /* CLOCK_MONOTONIC at ngx_http_process_request, 0 when F_NGX_START */
@@ -43,7 +46,8 @@ struct nginx_event {
     u32 ua_len;        /* data[0 .. ua_len) is the User-Agent */
     u32 uri_len;       /* data[ua_len .. ua_len + uri_len) is the URI; the record ends there */
     u8 client[28];     /* struct sockaddr_in / sockaddr_in6 of the client */
-    u32 pad2;
+    u32 tp_len;
+    char traceparent[TP_MAX];
     char data[UA_MAX + URI_MAX];
 };
 

@@ -177,12 +177,11 @@ int on_errcode(struct pt_regs *ctx)
     return 0;
 }
 
-/* The last TAIL_MAX bytes of a string longer than QUERY_MAX - 1: its end is found in
+/* The last TAIL_MAX bytes of a string whose end lies at or after `at`: the end is found in
  * steps of TAIL_MAX - 1 bytes (bpf_probe_read_user_str stops at the NUL), up to
- * TAIL_CHUNKS steps past the head. Returns the bytes copied into `tail` (0: too long). */
-static __always_inline u32 read_tail(char *tail, u64 query_ptr)
+ * TAIL_CHUNKS steps. Returns the bytes copied into `tail` (0: too long). */
+static __always_inline u32 read_tail(char *tail, u64 at)
 {
-    u64 at = query_ptr + QUERY_MAX - 1;
 #pragma unroll
     for (int i = 0; i < TAIL_CHUNKS; i++) {
         long n = bpf_probe_read_user_str(tail, TAIL_MAX, (void *)at);
@@ -199,6 +198,27 @@ static __always_inline u32 read_tail(char *tail, u64 query_ptr)
     return 0;
 }
 
+/* Whether the statement's text ends with a sqlcommenter comment of a sampled parent
+ * (see keep_for_parent in common.h); uses the scratch record's tail as room. */
+static __always_inline int sampled_parent(u64 query_ptr)
+{
+    int zero = 0;
+    struct pg_event *ev = scratch.lookup(&zero);
+    if (!ev || !query_ptr)
+        return 0;
+    long n = bpf_probe_read_user_str(ev->tail, TAIL_MAX, (void *)query_ptr);
+    if (n <= TP_SUFFIX)
+        return 0;
+    if (n < TAIL_MAX) {
+        char suffix[TP_SUFFIX];
+        if (bpf_probe_read_user(suffix, TP_SUFFIX, (void *)(query_ptr + n - 1 - TP_SUFFIX)) != 0)
+            return 0;
+        return sampled_traceparent_suffix(suffix);
+    }
+    return read_tail(ev->tail, query_ptr + TAIL_MAX - 1) &&
+           sampled_traceparent_suffix(ev->tail + TAIL_MAX - TP_SUFFIX);
+}
+
 /* Record the histogram (unless `kind` only marks an abort that a done may follow),
  * then send the statement as a span record when sampling keeps it. */
 static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32 kind, u64 query_ptr,
@@ -210,6 +230,8 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
     if (kind == KIND_DONE && !entry->aborted) {
         hist_record(hist_dim(entry->operation, 0, 0), duration);
         keep = sample_keep(now, duration, 0);
+        if (!keep && parents_recently(now) && sampled_parent(query_ptr))
+            keep = keep_for_parent(now);
     } else if (kind == KIND_DONE) {
         hist_record(hist_dim(entry->operation, 0, 0), duration); /* a ROLLBACK: its abort was no error */
     } else if (kind == KIND_ABORT) {
@@ -253,7 +275,7 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
     ev->tail_len = 0;
     u32 size = offsetof(struct pg_event, query) + (qlen & (QUERY_MAX - 1));
     if (qlen >= QUERY_MAX - 1) {
-        ev->tail_len = read_tail(ev->tail, query_ptr);
+        ev->tail_len = read_tail(ev->tail, query_ptr + QUERY_MAX - 1);
         size = offsetof(struct pg_event, tail) + (ev->tail_len ? TAIL_MAX : 0);
     }
     emit_record(ev, size);

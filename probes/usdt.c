@@ -14,6 +14,7 @@
  *   P<i>_SS<k>, P<i>_DS<k> (k < STRINGS)  address of string attribute k at start / done
  *   P<i>_DIM1, P<i>_DIM2   the slots (or -1) of the histogram's attributes
  *   P<i>_METRIC, P<i>_SPAN  1/0;  P<i>_MIN_NS  shortest duration sent as a span
+ *   P<i>_RESOURCE     at done: the pid whose Resource the span belongs to (0: the process)
  *   OWN_PID           the agent itself (a Python catalog entry would see the agent)
  */
 #include "common.h"
@@ -97,7 +98,7 @@ static __always_inline u64 slot(u64 *args, int index)
 }
 
 static __always_inline int pair_done(u32 pair, u64 arg_key, u64 *args, u64 d0, u64 d1,
-                                     int dim1, int dim2, int metric, int span, u64 min_ns)
+                                     int dim1, int dim2, int metric, int span, u64 min_ns, u32 resource_pid)
 {
     struct pair_key key = key_of(pair, arg_key);
     struct pair_start *st = inflight.lookup(&key);
@@ -136,7 +137,7 @@ static __always_inline int pair_done(u32 pair, u64 arg_key, u64 *args, u64 d0, u
     ev->pid = pid_tgid >> 32;
     ev->tid = (u32)pid_tgid;
     ev->pair = pair;
-    ev->flags = 0;
+    ev->resource_pid = resource_pid;
     ev->str_len[0] = st->str_len[0];
     ev->str_len[1] = st->str_len[1];
     bpf_probe_read_kernel(ev->str[0], STR_MAX, st->str[0]);
@@ -164,7 +165,7 @@ static __always_inline int pair_done(u32 pair, u64 arg_key, u64 *args, u64 d0, u
             return 0;                                                                              \
         u64 args[SLOTS] = {P##i##_D0, P##i##_D1, P##i##_D2, P##i##_D3, P##i##_D4, P##i##_D5};      \
         return pair_done(P##i##_ID, P##i##_KEY_DONE, args, P##i##_DS0, P##i##_DS1, P##i##_DIM1, P##i##_DIM2, \
-                         P##i##_METRIC, P##i##_SPAN, P##i##_MIN_NS);                               \
+                         P##i##_METRIC, P##i##_SPAN, P##i##_MIN_NS, (u32)(P##i##_RESOURCE));       \
     }
 
 #if PAIRS > 0

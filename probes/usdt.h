@@ -15,7 +15,7 @@ struct usdt_event {
     u32 pid;
     u32 tid;
     u32 pair;        /* the pair's number in the catalog (P<i>_ID) */
-    u32 flags;
+    u32 resource_pid; /* P<i>_RESOURCE: the pid whose Resource the span belongs to (0: pid) */
     u64 args[SLOTS]; /* integer attributes, in the pair's order */
     u32 str_len[STRINGS];
     char str[STRINGS][STR_MAX];

@@ -66,7 +66,7 @@ int main(int argc, char **argv)
     M(ngx_http_request_t, http_version); M(ngx_http_request_t, unparsed_uri);
     M(ngx_http_request_t, headers_out.status); M(ngx_http_request_t, err_status);
     M(ngx_http_request_t, headers_in.user_agent); M(ngx_http_request_t, start_sec);
-    M(ngx_http_request_t, start_msec);
+    M(ngx_http_request_t, start_msec); M(ngx_http_request_t, headers_in.headers);
     printf("}\n");
     first = 1;
     printf("    connection: {");
@@ -75,7 +75,8 @@ int main(int argc, char **argv)
     printf("}\n");
     first = 1;
     printf("    table_elt: {");
-    M(ngx_table_elt_t, value);
+    M(ngx_table_elt_t, value); M(ngx_table_elt_t, hash); M(ngx_table_elt_t, key);
+    printf(", \"@size\": %zu", sizeof(ngx_table_elt_t));
     printf("}\n");
     return 0;
 }

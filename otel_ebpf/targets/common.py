@@ -10,7 +10,7 @@ import os
 import re
 import socket
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import yaml
 from opentelemetry.semconv.attributes import (
@@ -20,7 +20,8 @@ from opentelemetry.semconv.attributes import (
     network_attributes as NETWORK,
 )
 
-from .. import sql, tracecontext
+from .. import sql, sqlcommenter, tracecontext
+from ..elf import ElfInfo, instruction_pointer_expr
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -53,6 +54,17 @@ def search_binary(path: str, pattern: bytes) -> tuple[bytes, ...] | None:
     except OSError:
         return None
     return _search_cached(path, st.st_dev, st.st_ino, st.st_mtime_ns, pattern)
+
+
+def load_base_expr(info: ElfInfo, pcs: Iterable[int]) -> str:
+    """A C expression giving a PIE's load base at any of the sites `pcs`: the instruction
+    pointer minus the site's link-time address (sites told apart by page offset)."""
+    ip = instruction_pointer_expr(info.machine)
+    chain = "0ULL"
+    for pc in pcs:
+        chain = f"(({ip} & 0xfff) == {pc & 0xFFF:#x} ? {ip} - {pc}ULL : {chain})"
+    return chain
+
 
 
 _SOCKET_PORT_RE = re.compile(rb"\.s\.PGSQL\.(\d+)")
@@ -102,12 +114,7 @@ def query_attributes(system: str, dialect: str, namespace: str, query: bytes, ta
         attrs[DB.DB_QUERY_SUMMARY] = info.summary
     if info.operation:
         attrs[DB.DB_OPERATION_NAME] = info.operation
-    try:
-        from .. import sqlcommenter  # TEMP until sqlcommenter.py lands
-    except ImportError:
-        return attrs, info, {}
-    comments = getattr(info, "comments", ())
-    comment = sqlcommenter.context_from_comments(comments) if comments else {}
+    comment = sqlcommenter.context_from_comments(info.comments) if info.comments else {}
     if tail and not comment:
         comment = sqlcommenter.from_query_tail(tail) or {}
     return attrs, info, comment

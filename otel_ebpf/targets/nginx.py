@@ -32,7 +32,7 @@ from opentelemetry.semconv.attributes import (
     user_agent_attributes as USER_AGENT,
 )
 
-from .. import http, process
+from .. import http, process, tracecontext
 from ..contract import layout
 from ..elf import ElfError, dwarf_member_offsets, elf_info
 from . import common
@@ -55,9 +55,9 @@ UA_MAX = 256  # and up to UA_MAX - 1 bytes of the User-Agent header
 STRUCT_TYPES = {"request": "ngx_http_request_t", "connection": "ngx_connection_t", "table_elt": "ngx_table_elt_t"}
 MEMBERS: dict[str, tuple[str, ...]] = {
     "request": ("connection", "main", "method", "http_version", "unparsed_uri", "headers_out.status",
-                "err_status", "headers_in.user_agent", "start_sec", "start_msec"),
+                "err_status", "headers_in.user_agent", "start_sec", "start_msec", "headers_in.headers"),
     "connection": ("sockaddr", "local_sockaddr", "ssl", "sent"),
-    "table_elt": ("value",),
+    "table_elt": ("value", "hash", "key", "@size"),
 }
 # -D macro of probes/nginx.c -> (table section, member).
 MACROS: dict[str, tuple[str, str]] = {
@@ -68,6 +68,8 @@ MACROS: dict[str, tuple[str, str]] = {
     "R_START_SEC": ("request", "start_sec"), "R_START_MSEC": ("request", "start_msec"),
     "C_SOCKADDR": ("connection", "sockaddr"), "C_LOCAL_SOCKADDR": ("connection", "local_sockaddr"),
     "C_SSL": ("connection", "ssl"), "C_SENT": ("connection", "sent"), "TE_VALUE": ("table_elt", "value"),
+    "R_HEADERS": ("request", "headers_in.headers"), "TE_HASH": ("table_elt", "hash"),
+    "TE_KEY": ("table_elt", "key"), "TE_SIZE": ("table_elt", "@size"),
 }
 # Attribute groups of probes/nginx.c (HAVE_<group>): the macros each needs, and what it gives.
 GROUPS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -83,11 +85,13 @@ GROUPS: dict[str, tuple[tuple[str, ...], str]] = {
     "UA": (("R_USER_AGENT", "TE_VALUE"), "user_agent.original"),
     "NGX_START": (("R_START_SEC", "R_START_MSEC"),
                   "spans for requests rejected before their header was parsed (400, 408, ...)"),
+    "TRACEPARENT": (("R_HEADERS", "TE_HASH", "TE_KEY", "TE_VALUE", "TE_SIZE"),
+                    "trace context from the traceparent header"),
 }
 
 # Record flags (probes/nginx.c F_*).
-F_METHOD, F_VERSION, F_STATUS, F_URI, F_CLIENT, F_SERVER, F_SCHEME, F_UA, F_NGX_START, F_URI_CUT = (
-    1 << i for i in range(10))
+F_METHOD, F_VERSION, F_STATUS, F_URI, F_CLIENT, F_SERVER, F_SCHEME, F_UA, F_NGX_START, F_URI_CUT, F_TRACEPARENT = (
+    1 << i for i in range(11))
 
 # NGX_HTTP_* method bits (ngx_http_request.h, stable since nginx 1.x) -> method name.
 METHOD_NAMES = {0x2: "GET", 0x4: "HEAD", 0x8: "POST", 0x10: "PUT", 0x20: "DELETE", 0x40: "MKCOL",
@@ -105,11 +109,13 @@ PROBE_POINTS = (ProbePoint("on_request_start", symbols=(START_FUNCTION,)),
 RECORD = layout("nginx.h", "nginx_event", [
     ("start_ns", "Q"), ("end_ns", "Q"), ("start_wall_ms", "Q"), ("pid", "I"), ("flags", "I"), ("method", "I"),
     ("http_version", "I"), ("status", "I"), ("server_port", "H"), ("https", "B"), ("pad", "B"),
-    ("ua_len", "I"), ("uri_len", "I"), ("client", "28s"), ("pad2", "I"),
+    ("ua_len", "I"), ("uri_len", "I"), ("client", "28s"), ("tp_len", "I"), ("traceparent", "64s"),
 ], tail="data")
 _DATA = RECORD.size
-# Members read as 16 bytes (ngx_str_t: len, data); the others are 8 (pointers, integers).
-_WIDTH = {"R_UNPARSED_URI": 16}
+# Members read as more than 8 bytes (ngx_str_t: len, data; ngx_list_t up to its first
+# part's nelts); the others are 8 (pointers, integers). TE_SIZE is no member at all.
+_WIDTH = {"R_UNPARSED_URI": 16, "R_HEADERS": 24}
+_NOT_READ = {"TE_SIZE", "TE_HASH", "TE_KEY", "TE_VALUE"}
 
 _VERSION_RE = rb"nginx/(\d+\.\d+\.\d+)"
 _SIGNATURE_RE = rb"(\d+,\d+,\d+,[01]{20,})\0"
@@ -147,7 +153,8 @@ class Layout:
         flags += [f"-D{m}={self.offsets[MACROS[m]]}" for m in sorted(needed)]
         # The kernel reads each struct's members in one go: the bytes up to the last one.
         for block, prefix in (("R_BLOCK", "R_"), ("C_BLOCK", "C_")):
-            ends = [self.offsets[MACROS[m]] + _WIDTH.get(m, 8) for m in needed if m.startswith(prefix)]
+            ends = [self.offsets[MACROS[m]] + _WIDTH.get(m, 8) for m in needed
+                    if m.startswith(prefix) and m not in _NOT_READ]
             flags.append(f"-D{block}={(max(ends, default=0) + 7) // 8 * 8}")
         return flags
 
@@ -203,6 +210,15 @@ def layout_for(path: str) -> Layout:
 
 
 # --- decoding helpers ---------------------------------------------------------------------
+
+
+def nginx_hash(name: str) -> int:
+    """nginx's hash of a lower-case header name (ngx_hash: h * 31 + c), as it keeps it for
+    every header it parsed (ngx_table_elt_t.hash)."""
+    h = 0
+    for c in name.lower().encode():
+        h = (h * 31 + c) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 def client_endpoint(raw: bytes) -> tuple[str, int] | None:
@@ -263,7 +279,7 @@ class NginxTarget(Target):
             layout = layout_for(path)
         except OSError as exc:
             raise ElfError(f"{path}: {exc.strerror}") from exc
-        cflags = [f"-DURI_MAX={URI_MAX}", f"-DUA_MAX={UA_MAX}",
+        cflags = [f"-DURI_MAX={URI_MAX}", f"-DUA_MAX={UA_MAX}", f"-DTRACEPARENT_HASH={nginx_hash('traceparent')}ULL",
                   # nginx dates requests rejected before process_request on the wall clock
                   f"-DWALL_MINUS_MONO_NS={time.time_ns() - time.monotonic_ns()}ULL",
                   *layout.cflags()]
@@ -304,7 +320,7 @@ class NginxTarget(Target):
 
     def _span(self, raw: bytes, ctx: DecodeContext) -> SpanData | None:
         (start, end, start_wall_ms, pid, flags, method_bit, version, status, server_port, https, _,
-         ua_len, uri_len, client, _) = RECORD.unpack_from(raw)
+         ua_len, uri_len, client, tp_len, traceparent) = RECORD.unpack_from(raw)
         uri_at = _DATA + ua_len
         if len(raw) < uri_at + uri_len:
             return None
@@ -340,8 +356,11 @@ class NginxTarget(Target):
                 attrs[CLIENT.CLIENT_ADDRESS], attrs[CLIENT.CLIENT_PORT] = endpoint
         if flags & F_UA:
             attrs[USER_AGENT.USER_AGENT_ORIGINAL] = raw[_DATA:uri_at].decode("utf-8", "replace")
-        return SpanData(name, KIND_SERVER, min(start_ns, end_ns), end_ns, attrs,
+        span = SpanData(name, KIND_SERVER, min(start_ns, end_ns), end_ns, attrs,
                         resource_pid=self.resource_process(pid), target=self.name, error=error)
+        if flags & F_TRACEPARENT:
+            tracecontext.join(span, traceparent[:min(tp_len, len(traceparent))])
+        return span
 
     @staticmethod
     def _url(attrs: dict[str, object], uri: bytes, ctx: DecodeContext, cut: bool) -> None:

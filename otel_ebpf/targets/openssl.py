@@ -40,7 +40,7 @@ from opentelemetry.semconv.attributes import (
     user_agent_attributes as USER_AGENT,
 )
 
-from .. import http, process
+from .. import http, process, tracecontext
 from ..contract import layout
 from ..elf import ElfError, elf_info
 from . import registry
@@ -512,9 +512,14 @@ class OpensslTarget(Target):
         if failed:
             attrs[ERROR.ERROR_TYPE] = str(status)
         offset = ctx.mono_to_epoch_ns
-        return SpanData(method if method != "_OTHER" else "HTTP", KIND_CLIENT if client else KIND_SERVER,
+        span = SpanData(method if method != "_OTHER" else "HTTP", KIND_CLIENT if client else KIND_SERVER,
                         exchange.start_ns + offset, end_ns + offset, attrs,
                         resource_pid=conn.pid, target=self.name, error=failed)
+        # The request's trace context: a server's span is the child of the caller's span; a
+        # client's span joins the trace its own instrumentation started (the header's span).
+        if request.traceparent:
+            tracecontext.join(span, request.traceparent, request.tracestate)
+        return span
 
     # --- nginx: its own target wins ------------------------------------------------------
 

@@ -75,16 +75,7 @@ def sqlstate_text(code: int) -> str:
 
 
 parse_sockaddr = common.parse_sockaddr
-
-
-def load_base_expr(info: ElfInfo, pcs: Iterable[int]) -> str:
-    """A C expression giving a PIE's load base at any of the sites `pcs`: the instruction
-    pointer minus the site's link-time address (sites told apart by page offset)."""
-    ip = instruction_pointer_expr(info.machine)
-    chain = "0ULL"
-    for pc in pcs:
-        chain = f"(({ip} & 0xfff) == {pc & 0xFFF:#x} ? {ip} - {pc}ULL : {chain})"
-    return chain
+load_base_expr = common.load_base_expr
 
 
 class PostgresTarget(Target):

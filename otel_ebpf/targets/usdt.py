@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import string
+import re
+import time
 from typing import TYPE_CHECKING, Iterable
 
 from opentelemetry.semconv._incubating.attributes import thread_attributes as THREAD
@@ -14,6 +15,7 @@ from ..contract import layout
 from ..elf import ElfError, ElfInfo, elf_info
 from ..usdt_catalog import MAX_SLOTS, MAX_STRINGS, BinarySet, Catalog, CatalogError, Pair, load_catalog
 from .base import BuildPlan, DecodeContext, Inspection, ProbePoint, SpanData, Target, resolve_probe_points
+from .common import load_base_expr
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -22,16 +24,18 @@ log = logging.getLogger(__name__)
 STR_MAX = 128  # probes/usdt.h
 
 RECORD = layout("usdt.h", "usdt_event", [
-    ("start_ns", "Q"), ("end_ns", "Q"), ("pid", "I"), ("tid", "I"), ("pair", "I"), ("flags", "I"),
+    ("start_ns", "Q"), ("end_ns", "Q"), ("pid", "I"), ("tid", "I"), ("pair", "I"), ("resource_pid", "I"),
     ("args", f"{MAX_SLOTS}Q"), ("str_len", f"{MAX_STRINGS}I"), ("str", f"{MAX_STRINGS * STR_MAX}s"),
 ])
 
 
-class _Attributes(dict):
-    """Span name templates: a missing attribute is left as it is written."""
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
+
+def span_name(template: str, attrs: dict[str, object]) -> str:
+    """A span name from its template: {attribute.name} becomes the attribute's value (names
+    have dots, so this is no str.format); an unknown name stays as written."""
+    return _PLACEHOLDER.sub(lambda m: str(attrs.get(m.group(1), m.group(0))), template)
 
 
 class UsdtCatalogTarget(Target):
@@ -80,10 +84,10 @@ class UsdtCatalogTarget(Target):
                 if s.matches_exe(path) or (path.startswith("/proc/") and any(p.provider in providers for p in s.pairs)
                                            and any(info.usdt(p.provider, p.start) for p in s.pairs))]
 
-    def _pairs_for(self, path: str, info: ElfInfo) -> tuple[list[Pair], list[str], str]:
-        pairs, notes, resource = [], [], "process"
+    def _pairs_for(self, path: str, info: ElfInfo) -> tuple[list[Pair], list[str], BinarySet | None]:
+        pairs, notes, resource = [], [], None
         for s in self._sets_for(path, info):
-            resource = s.resource
+            resource = s
             for pair in s.pairs:
                 problem = self._problem(pair, info)
                 if problem:
@@ -137,11 +141,25 @@ class UsdtCatalogTarget(Target):
         for i, pair in enumerate(pairs):
             cflags += self._pair_cflags(i, pair, info)
             cflags.append(f"-DP{i}_ID={self.pairs.index(pair)}")
+            cflags.append(f"-DP{i}_RESOURCE={self._resource_expr(pair, info, resource)}")
             points += [ProbePoint(f"on_start_{i}", usdt=f"{pair.provider}:{pair.start}"),
                        ProbePoint(f"on_done_{i}", usdt=f"{pair.provider}:{pair.done}")]
         resolved = resolve_probe_points(info, points)
-        self._resources[path] = resource
+        self._resources[path] = resource.resource if resource else "process"
         return BuildPlan(cflags, resolved.attach, notes)
+
+    @staticmethod
+    def _resource_expr(pair: Pair, info: ElfInfo, binary_set: BinarySet | None) -> str:
+        """C reading the pid the span's Resource is (a u32 global such as PostmasterPid,
+        read at the done probe through the binary's load base), or 0: the process."""
+        if binary_set is None or binary_set.resource != "symbol":
+            return "0"
+        sym = info.symbol(binary_set.resource_symbol)
+        if sym is None:
+            return "0"
+        base = load_base_expr(info, [s.pc for s in info.usdt(pair.provider, pair.done)])
+        return (f"({{ u32 __pid = 0; bpf_probe_read_user(&__pid, 4, (void *)({base} + {sym.vaddr}ULL)); "
+                f"__pid; }})")
 
     @staticmethod
     def _pair_cflags(i: int, pair: Pair, info: ElfInfo) -> list[str]:
@@ -191,7 +209,7 @@ class UsdtCatalogTarget(Target):
                 self.malformed_records += 1
                 continue
             fields = RECORD.unpack_from(raw)
-            start, end, pid, tid, index = fields[:5]
+            start, end, pid, tid, index, resource_pid = fields[:6]
             args = fields[6:6 + MAX_SLOTS]
             str_len = fields[6 + MAX_SLOTS:6 + MAX_SLOTS + MAX_STRINGS]
             blob = fields[-1]
@@ -206,9 +224,9 @@ class UsdtCatalogTarget(Target):
                     attrs[a.name] = blob[a.slot * STR_MAX:a.slot * STR_MAX + n].decode("utf-8", "replace")
                 else:
                     attrs[a.name] = a.value(_signed(args[a.slot]))
-            name = string.Formatter().vformat(pair.span_name, (), _Attributes(attrs)) if pair.span_name else pair.name
+            name = span_name(pair.span_name, attrs) if pair.span_name else pair.name
             out.append(SpanData(name, pair.span_kind, start + offset, end + offset, attrs,
-                                resource_pid=self._resource_pid(pid), target=self.name))
+                                resource_pid=resource_pid or self._resource_pid(pid), target=self.name))
         return out
 
     def _resource_pid(self, pid: int) -> int:
@@ -216,7 +234,6 @@ class UsdtCatalogTarget(Target):
         executable (a PostgreSQL backend's postmaster)."""
         if "parent" not in self._resources.values():
             return pid
-        import time
         now = time.monotonic()
         cached = self._parents.get(pid)
         if cached is not None and now - cached[1] < 10.0:

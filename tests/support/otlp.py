@@ -41,6 +41,8 @@ class ReceivedSpan:
     status_message: str
     trace_id: bytes
     span_id: bytes
+    parent_span_id: bytes = b""
+    flags: int = 0
 
     @property
     def duration_s(self) -> float:
@@ -145,7 +147,8 @@ class OtlpReceiver:
                     for s in ss.spans:
                         out.append(ReceivedSpan(s.name, s.kind, s.start_time_unix_nano, s.end_time_unix_nano,
                                                 attrs_of(s.attributes), resource, s.status.code,
-                                                s.status.message, s.trace_id, s.span_id))
+                                                s.status.message, s.trace_id, s.span_id, s.parent_span_id,
+                                                s.flags))
         return out
 
     def wait_for_spans(self, predicate, count: int, timeout: float = 20.0) -> list[ReceivedSpan]:

@@ -42,10 +42,12 @@ def regenerated(tmp_path_factory) -> tuple[dict, str]:
 
 def record(*, start: int = 1_000, end: int = 2_000, wall_ms: int = 0, pid: int = 1, flags: int = 0,
            method: int = 0x2, version: int = 1001, status: int = 200, server_port: int = 8080, https: int = 0,
-           client: bytes = b"", ua: bytes = b"", uri: bytes = b"") -> bytes:
+           client: bytes = b"", ua: bytes = b"", uri: bytes = b"", traceparent: bytes = b"") -> bytes:
     """A ring buffer record as probes/nginx.c writes it."""
+    if traceparent:
+        flags |= ngx.F_TRACEPARENT
     head = ngx.RECORD.struct.pack(start, end, wall_ms, pid, flags, method, version, status, server_port, https, 0,
-                           len(ua), len(uri), client.ljust(28, b"\0"), 0)
+                                  len(ua), len(uri), client.ljust(28, b"\0"), len(traceparent), traceparent)
     return head + ua + uri
 
 
@@ -273,3 +275,23 @@ def test_url_query_keeps_names_and_redacts_values(query, expected):
 
 def test_resource_is_the_process_itself_without_an_nginx_parent():
     assert ngx.NginxTarget().resource_process(os.getpid()) == os.getpid()
+
+
+def test_traceparent_header_makes_the_span_a_child():
+    tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    (span,) = decode(record(flags=ALL, uri=b"/a", traceparent=tp))
+    assert span.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert span.parent_span_id.hex() == "00f067aa0ba902b7" and span.span_id and span.trace_flags == 1
+
+
+@pytest.mark.parametrize("bad", [b"00-00000000000000000000000000000000-00f067aa0ba902b7-01", b"zz-garbage",
+                                 b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                                 b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", b"\xff" * 55])
+def test_a_bad_traceparent_is_ignored(bad):
+    (span,) = decode(record(flags=ALL, uri=b"/a", traceparent=bad))
+    assert span.trace_id is None and span.parent_span_id == b""
+
+
+def test_nginx_hash_of_header_names():
+    assert ngx.nginx_hash("Host") == ngx.nginx_hash("host") == (((ord("h") * 31 + ord("o")) * 31 + ord("s")) * 31
+                                                                 + ord("t"))
