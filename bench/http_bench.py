@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -75,12 +75,10 @@ class _Adapter:
     """State and bookkeeping shared by the library adapters: the library frames, this
     keeps the event list, the message's head, and the states the target asks about."""
 
-    created = 0  # streams made, so that --tests can tell which tests use a parser
-    is_response = False
+    created = 0  # streams made, per class, so that --tests can tell which tests use a parser
 
     def __init__(self) -> None:
         type(self).created += 1
-        _Adapter.created += 1
         self._methods: collections.deque[str] = collections.deque()
         self.reset()
 
@@ -112,10 +110,6 @@ class _Adapter:
     @property
     def idle(self) -> bool:
         return self._state == _IDLE
-
-    @property
-    def current(self) -> RequestHead | ResponseHead | None:
-        return self._head
 
     def expect(self, method: str) -> None:
         self._methods.append(method)
@@ -335,7 +329,6 @@ class HttptoolsRequestStream(_Httptools):
 
 class HttptoolsResponseStream(_Httptools):
     _parser_class = httptools.HttpResponseParser
-    is_response = True
 
     def on_headers_complete(self) -> None:
         version = self._parser.get_http_version()
@@ -362,11 +355,11 @@ class HttptoolsResponseStream(_Httptools):
     def _feed_known(self, data: memoryview) -> None:
         pos, n = 0, len(data)
         while pos < n and self._state not in (_ERROR, _TUNNEL):
-            if self._methods and self._methods[0] == "HEAD" and self._state in (_IDLE, _HEAD):
+            if "HEAD" in self._methods:
                 # llhttp cannot be told that a response answers HEAD (httptools' on_headers_complete
-                # cannot return 1), and it reports no offset where a head ends: feed this head one
-                # byte at a time, and start a new parser after it, so a Content-Length is not read
-                # as a body.
+                # cannot return 1), and it reports no offset where a message ends: while a response
+                # to HEAD is awaited, feed one byte at a time, and start a new parser after its
+                # head, so that its Content-Length is not read as a body.
                 self._execute(data[pos:pos + 1])
                 pos += 1
                 if self._cut:
@@ -394,6 +387,10 @@ class _H11(_Adapter):
 
     def _feed_known(self, data: memoryview) -> None:
         if self._state == _IDLE:
+            # h11 refuses an empty line before a message (RFC 9112 2.2 says to ignore one).
+            data = memoryview(bytes(data).lstrip(b"\r\n"))
+            if not data:
+                return
             self._maybe_begin(bytes(data))
             if self._state == _ERROR:
                 return
@@ -423,10 +420,9 @@ class _H11(_Adapter):
         raise NotImplementedError
 
     def _drain(self) -> None:
-        conn = self._conn
         while self._state not in (_ERROR, _TUNNEL):
             self._before_next()
-            event = conn.next_event()
+            event = self._conn.next_event()  # a new cycle may bring a new Connection
             if event is h11.NEED_DATA:
                 return
             if event is h11.PAUSED:
@@ -445,12 +441,12 @@ class _H11(_Adapter):
         pass
 
     def _next_cycle(self) -> None:
-        leftover = self._conn.trailing_data[0]
+        leftover = self._conn.trailing_data[0].lstrip(b"\r\n")
         if self._placeholders and leftover.strip(b"\x00") == b"" and leftover:
             self._events.append((BEGIN, None))
             raise _Stop(ERR_LOST)
         self._restart(leftover)
-        if leftover.lstrip(b"\r\n"):
+        if leftover:
             self._note_start(leftover)
             self._maybe_begin(leftover)
 
@@ -496,7 +492,6 @@ class H11RequestStream(_H11):
 
 class H11ResponseStream(_H11):
     role = h11.CLIENT
-    is_response = True
 
     def _early_problem(self, start: bytes) -> str | None:
         prefix = start[:7]
@@ -651,6 +646,17 @@ def _exchanges() -> dict[str, tuple[list[tuple[str, bytes, int]], int]]:
     sizes = [16384] * (total // 16384) + ([total % 16384] if total % 16384 else [])
     stream = big + b"z" * mb
     cases["1 MB, 4 KiB prefixes"] = (_calls("req", _curl("GET", "/big.bin")) + _calls("resp", stream, sizes), 1)
+
+    # The same body, none of it seen: records the ring buffer lost (the target feeds
+    # feed(b"", lost)): what counting unseen bytes costs, without the captured prefixes.
+    lost = [("resp", b"", size) for size in sizes[1:]]
+    first = ("resp", stream[:sizes[0]][:CAPTURE], sizes[0])
+    cases["1 MB, records lost"] = ([_calls("req", _curl("GET", "/big.bin"))[0], first] + lost, 1)
+
+    # A response to HEAD carries the Content-Length of the body it does not send.
+    head_answer = _response("200 OK", b"").replace(b"Content-Length: 0", b"Content-Length: %d" % mb)
+    cases["HEAD, then GET"] = (_calls("req", _curl("HEAD", "/big.bin")) + _calls("resp", head_answer)
+                               + _calls("req", _curl("GET", "/small")) + _calls("resp", _response("200 OK", body)), 2)
     return cases
 
 
@@ -685,7 +691,8 @@ def measure(rounds: int, budget_ms: float) -> tuple[dict[tuple[str, str], list[f
             got = run_case((req_cls(), resp_cls()), calls)
             if got != (pairs, pairs, 0):
                 wrong[(case, impl)] = f"requests/responses/errors {got}, expected {(pairs, pairs, 0)}"
-    # Runs per round, from a calibration with the hand parser, so each round stays short.
+    # Runs per round from one hand-parser run: a quarter of the per-candidate budget at its speed,
+    # leaving room for the slower candidates, so that the whole bench stays within seconds.
     runs: dict[str, int] = {}
     for case, (calls, _) in cases.items():
         start = time.perf_counter()
@@ -727,7 +734,10 @@ def render(times: dict[tuple[str, str], list[float]], wrong: dict[tuple[str, str
         ratios = [f"{med[i] / med['hand']:.2f}" if i in med and "hand" in med else "-" for i in impls[1:]]
         lines.append(f"| {case} | {len(calls)} | {total} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     notes = [f"- {impl} frames '{case}' wrongly: {why}" for (case, impl), why in sorted(wrong.items())]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    # How far the rounds disagree (half the range of the round medians over their median).
+    spread = max(((max(v) - min(v)) / 2 / statistics.median(v), case, impl) for (case, impl), v in times.items())
+    notes.append(f"- largest spread between rounds: {spread[0] * 100:.0f} % ({spread[2]}, {spread[1]})")
+    return "\n".join(lines + [""] + notes)
 
 
 # --- the unit tests through each candidate -------------------------------------------------------
@@ -751,14 +761,14 @@ def _run_tests_in_this_process(candidate: str) -> None:
             self._before = 0
 
         @pytest.hookimpl(hookwrapper=True)
-        def pytest_runtest_protocol(self, item, nextitem):  # noqa: ANN001 - pytest hook
+        def pytest_runtest_protocol(self, item, nextitem):  # a pytest hook
             self._before = created()
             yield
             entry = self.outcomes.get(item.nodeid)
             if entry is not None:
                 entry[1] = created() > self._before
 
-        def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001 - pytest hook
+        def pytest_runtest_logreport(self, report) -> None:  # a pytest hook
             entry = self.outcomes.setdefault(report.nodeid, ["passed", False])
             if report.failed:
                 entry[0] = "failed"
@@ -790,7 +800,8 @@ def run_tests() -> dict[str, dict[str, list]]:
 
 
 def render_tests(results: dict[str, dict[str, list]]) -> str:
-    lines = ["| candidate | tests that create a stream | pass | fail | skipped |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| candidate | tests that create a stream | pass | fail | skipped |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     failures: list[str] = []
     for candidate, outcomes in results.items():
         applying = {k: v for k, v in outcomes.items() if v[1]}
@@ -805,7 +816,7 @@ def render_tests(results: dict[str, dict[str, list]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--budget-ms", type=float, default=60, help="time per case and round, all candidates")
+    ap.add_argument("--budget-ms", type=float, default=100, help="time per case and round, all candidates")
     ap.add_argument("--tests", action="store_true", help="also run the unit tests through each candidate")
     ap.add_argument("--child-tests", help=argparse.SUPPRESS)
     args = ap.parse_args()

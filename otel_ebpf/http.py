@@ -125,16 +125,12 @@ class _Stream:
         """Between messages: the next byte begins a new one."""
         return self._state == _IDLE
 
-    @property
-    def current(self) -> RequestHead | ResponseHead | None:
-        """The head of the message in progress (None before its head is complete)."""
-        return self._head
-
     def close(self) -> list[Event]:
         """The connection closed: a body that runs until close ends here."""
+        events: list[Event] = []
         if self._state == _UNTIL_CLOSE:
-            return self._end([])
-        return []
+            self._end(events)
+        return events
 
     def feed(self, data: bytes, length: int | None = None) -> list[Event]:
         """Bytes of one call: `data` is its first bytes, `length` how many it really moved."""
@@ -161,10 +157,11 @@ class _Stream:
         if state == _HEAD:
             return self._step_head(data, pos, events)
         if state in (_BODY, _CHUNK_DATA):
+            # _count, inlined: the hot path (every call inside a body) saves a method call
             take = min(self._remaining, len(data) - pos)
             self._remaining -= take
             if self._remaining == 0:
-                self._body_part_done(events)
+                self._part_done(events)
             return pos + take
         if state == _CHUNK_LINE:
             return self._step_chunk_line(data, pos, events)
@@ -174,20 +171,28 @@ class _Stream:
             return self._step_trailers(data, pos, events)
         return len(data)  # _UNTIL_CLOSE: everything is body
 
-    def _step_head(self, data: memoryview, pos: int, events: list[Event]) -> int:
+    def _buffer_block(self, data: memoryview, pos: int) -> tuple[bytes, int] | None:
+        """Buffer a head or trailers up to the empty line that ends it: (its bytes, the
+        position in data after it), or None while it is incomplete (all of data buffered)."""
         before = len(self._buf)
         self._buf += data[pos:]
-        m = _HEAD_END.search(self._buf, max(0, before - 2))
+        m = _HEAD_END.search(self._buf, max(0, before - 2))  # the line end may straddle calls
         if m is None:
+            return None
+        block = bytes(self._buf[:m.end()])
+        self._buf = bytearray()
+        return block, pos + m.end() - before
+
+    def _step_head(self, data: memoryview, pos: int, events: list[Event]) -> int:
+        taken = self._buffer_block(data, pos)
+        if taken is None:
             reason = self._check_partial(self._buf)
             if reason is None and len(self._buf) > MAX_HEAD_BYTES:
                 reason = ERR_HEAD_TOO_LARGE
             if reason:
                 self._fail(reason, events)
             return len(data)
-        head_bytes = bytes(self._buf[:m.end()])
-        consumed = m.end() - before
-        self._buf = bytearray()
+        head_bytes, after = taken
         head = self._parse_head(head_bytes)
         if isinstance(head, str):
             self._fail(head, events)
@@ -195,7 +200,7 @@ class _Stream:
         self._head = head
         events.append((HEAD, head))
         self._start_body(head, events)
-        return pos + consumed
+        return after
 
     def _step_chunk_line(self, data: memoryview, pos: int, events: list[Event]) -> int:
         end = bytes(data[pos:pos + MAX_CHUNK_LINE + 1]).find(b"\n")
@@ -230,17 +235,13 @@ class _Stream:
         return len(data)
 
     def _step_trailers(self, data: memoryview, pos: int, events: list[Event]) -> int:
-        before = len(self._buf)
-        self._buf += data[pos:]
-        m = _HEAD_END.search(self._buf, max(0, before - 2))
-        if m is None:
+        taken = self._buffer_block(data, pos)  # trailer fields are skipped, never read
+        if taken is None:
             if len(self._buf) > MAX_HEAD_BYTES:
                 self._fail(ERR_HEAD_TOO_LARGE, events)
             return len(data)
-        consumed = m.end() - before
-        self._buf = bytearray()
         self._end(events)
-        return pos + consumed
+        return taken[1]
 
     # --- bytes we did not see ------------------------------------------------------
 
@@ -248,18 +249,8 @@ class _Stream:
         """Count `unseen` bytes that followed the known ones (body bytes, or framing lost)."""
         while unseen > 0 and self._state not in (_ERROR, _TUNNEL, _UNTIL_CLOSE):
             state = self._state
-            if state in (_BODY, _CHUNK_DATA):
-                take = min(self._remaining, unseen)
-                self._remaining -= take
-                unseen -= take
-                if self._remaining == 0:
-                    self._body_part_done(events)
-            elif state == _CHUNK_CRLF:
-                take = min(self._remaining, unseen)
-                self._remaining -= take
-                unseen -= take
-                if self._remaining == 0:
-                    self._state = _CHUNK_LINE
+            if state in (_BODY, _CHUNK_DATA, _CHUNK_CRLF):
+                unseen -= self._count(unseen, events)
             else:
                 # A head, chunk-size line or trailer we cannot read: the framing is gone.
                 if state == _IDLE:
@@ -288,19 +279,29 @@ class _Stream:
             else:
                 self._state, self._remaining = _BODY, length
 
-    def _body_part_done(self, events: list[Event]) -> None:
+    def _count(self, available: int, events: list[Event]) -> int:
+        """Take up to `available` bytes of the body, chunk data or chunk CRLF in progress
+        (bytes seen or only counted: they are not looked at); how many it took."""
+        take = min(self._remaining, available)
+        self._remaining -= take
+        if self._remaining == 0:
+            self._part_done(events)
+        return take
+
+    def _part_done(self, events: list[Event]) -> None:
         if self._state == _BODY:
             self._end(events)
-        else:  # the data of one chunk: its CRLF follows
+        elif self._state == _CHUNK_DATA:  # the data of one chunk: its CRLF follows
             self._state, self._remaining = _CHUNK_CRLF, 2
+        else:  # the chunk's CRLF (counted, not seen): the next chunk-size line follows
+            self._state = _CHUNK_LINE
 
-    def _end(self, events: list[Event]) -> list[Event]:
+    def _end(self, events: list[Event]) -> None:
         head = self._head
         events.append((END, head))
         self._state = _IDLE
         self._head = None
         self._message_done(head)
-        return events
 
     def _fail(self, reason: str, events: list[Event]) -> None:
         self._state = _ERROR

@@ -3,6 +3,9 @@ client library applications use for them: mysql-connector-python's prepared curs
 Python and C extension. The agent runs as shipped."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -33,15 +36,37 @@ def agent(otlp_receiver):
     assert a.stop() == 0, a.output()
 
 
-def connector(server: MariadbServer, use_pure: bool):
-    import mysql.connector as mysql_connector
+# The client runs in its own process, as an application would: the C extension needs
+# static TLS room that libraries this test process already loaded (bcc's LLVM) have taken.
+CLIENT = """
+import json, sys
+import mysql.connector
+from mysql.connector.connection_cext import CMySQLConnection
+cfg = json.loads(sys.argv[1])
+conn = mysql.connector.connect(host=cfg["host"], port=cfg["port"], user="root", password="", database="shop",
+                               use_pure=cfg["use_pure"], autocommit=True)
+assert isinstance(conn, CMySQLConnection) != cfg["use_pure"], type(conn)
+cur = conn.cursor(prepared=True)
+errors = []
+for sql, params in cfg["statements"]:
+    try:
+        cur.execute(sql, params)
+        if cur.with_rows:
+            cur.fetchall()
+    except mysql.connector.Error as exc:
+        errors.append(exc.errno)
+cur.close()
+conn.close()
+print(json.dumps(errors))
+"""
+
+
+def run_client(server: MariadbServer, use_pure: bool, statements: list) -> list[int]:
     args = server.connect_args("shop")
-    conn = mysql_connector.connect(host=args["host"], port=args["port"], user=args["user"], password="",
-                                   database="shop", use_pure=use_pure, autocommit=True)
-    if not use_pure:
-        from mysql.connector.connection_cext import CMySQLConnection
-        assert isinstance(conn, CMySQLConnection), "the C extension (constraints.txt pins a version whose works here)"
-    return conn
+    cfg = {"host": args["host"], "port": args["port"], "use_pure": use_pure, "statements": statements}
+    r = subprocess.run([sys.executable, "-c", CLIENT, json.dumps(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
 
 
 def spans_of(otlp_receiver, server, count: int, match, settle: float = 1.0) -> list:
@@ -59,15 +84,10 @@ def has(text: str):
 def test_prepared_cursor_gives_one_span_per_execute(mariadb, agent, otlp_receiver, use_pure):
     mariadb.sql("DELETE FROM shop.items")
     before = otlp_receiver.db_duration_counts("mariadb")
-    conn = connector(mariadb, use_pure)
-    cur = conn.cursor(prepared=True)
-    for i in range(30):
-        cur.execute("INSERT INTO items (id, name, price) VALUES (?, ?, ?)", (i, f"{SECRET}-{i}", i * 10))
-    for i in range(20):
-        cur.execute("SELECT name FROM items WHERE id = ? AND name <> ?", (i, SECRET))
-        cur.fetchall()
-    cur.close()
-    conn.close()
+    statements = [("INSERT INTO items (id, name, price) VALUES (?, ?, ?)", [i, f"{SECRET}-{i}", i * 10])
+                  for i in range(30)]
+    statements += [("SELECT name FROM items WHERE id = ? AND name <> ?", [i, SECRET]) for i in range(20)]
+    assert run_client(mariadb, use_pure, statements) == []
     inserts = spans_of(otlp_receiver, mariadb, 30, has("INSERT INTO items"))
     selects = spans_of(otlp_receiver, mariadb, 20, has("SELECT name FROM items"))
     assert len(inserts) == 30 and len(selects) == 20
@@ -87,17 +107,11 @@ def test_prepared_cursor_gives_one_span_per_execute(mariadb, agent, otlp_receive
 
 
 def test_a_failing_prepared_execute_and_a_failing_prepare(mariadb, agent, otlp_receiver):
-    import mysql.connector as mysql_connector
     mariadb.sql("DELETE FROM shop.items; INSERT INTO shop.items VALUES (1, 'one', 1)")
-    conn = connector(mariadb, use_pure=True)
-    cur = conn.cursor(prepared=True)
-    with pytest.raises(mysql_connector.errors.IntegrityError):
-        cur.execute("INSERT INTO items (id, name) VALUES (?, ?)", (1, SECRET))
-    with pytest.raises(mysql_connector.errors.ProgrammingError):
-        cur.execute("SELEC name FROM items WHERE id = ?", (1,))
-    cur.execute("SELECT name FROM items WHERE id = ?", (1,))
-    cur.fetchall()
-    conn.close()
+    errors = run_client(mariadb, True, [("INSERT INTO items (id, name) VALUES (?, ?)", [1, SECRET]),
+                                        ("SELEC name FROM items WHERE id = ?", [1]),
+                                        ("SELECT name FROM items WHERE id = ?", [1])])
+    assert errors == [1062, 1064]
     dup = spans_of(otlp_receiver, mariadb, 1, has("INSERT INTO items (id, name)"))
     bad = spans_of(otlp_receiver, mariadb, 1, has("SELEC name"))
     ok = spans_of(otlp_receiver, mariadb, 1, has("SELECT name FROM items WHERE id = ?"))

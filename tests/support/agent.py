@@ -18,8 +18,9 @@ class AgentProcess:
     """The agent as shipped: its defaults, except what a test passes in `args` or `env`
     (and a free health port, and exports every 200 ms / 1 s so that tests need not wait)."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, accept_degraded: bool = False):
-        self.health_port = free_port()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, accept_degraded: bool = False,
+                 health_port: int | None = None):
+        self.health_port = health_port or free_port()
         self.accept_degraded = accept_degraded
         self.args = ["run", "--health-addr", f"127.0.0.1:{self.health_port}", *args]
         base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}

@@ -175,6 +175,17 @@ def test_switching_protocols_is_a_tunnel():
     assert parser.feed(b"\x82\x00 anything") == []
 
 
+@pytest.mark.parametrize("data", [
+    b"FOO /x HTTP/1.1\r\nHost: h\r\n\r\n",  # any token is a method (RFC 9110 9.1); its span says _OTHER
+    b"GET /x HTTP/1.1\r\n\r\n",  # no Host: the server answers 400, and that exchange is still a span
+])
+def test_requests_a_strict_parser_refuses_are_still_framed(data):
+    """The agent watches, it does not judge: what reached the server gets its span
+    (llhttp refuses methods outside its list, h11 an HTTP/1.1 request without Host)."""
+    events = RequestStream().feed(data + REQUEST_GET)
+    assert [e[0] for e in summary(events)] == [BEGIN, HEAD, END, BEGIN, HEAD, END]
+
+
 def test_stray_line_ends_between_messages_are_ignored():
     events = RequestStream().feed(REQUEST_POST + b"\r\n" + REQUEST_GET)
     assert [e for e in summary(events) if e[0] == END] == [(END, "POST", "/cart"), (END, "GET", "/orders?id=7&token=abc")]
