@@ -1,13 +1,15 @@
-"""Benchmark 1: nginx saturation requests/s with no probes, bpftrace on the agent's probe
-points (the floor any eBPF tool pays for them), and the agent.
+"""nginx saturation requests/s with no probes, bpftrace on the agent's probe points, and the agent.
 
 The probe points come from the agent itself: `NginxTarget().plan(path, config).attach`
 (file offsets and labels), mapped back to symbol names through `elf_info(path)` for
-bpftrace, whose actions only count hits (the minimum that still shows it attached).
-The agent runs as `otel-ebpf run --targets nginx`, exporting OTLP/gRPC to a receiver
-in this process, sampling off, three ways (common.AGENT_VARIANTS): as shipped (with its
-default span rate limit), every request a span (`--max-spans-per-second 0`), and spans
-off (only the kernel side).
+bpftrace. Two bpftrace cases: counting hits only (the floor any eBPF tool pays for
+those points), and timing each request between the two points into a histogram (the
+least a latency tool does there). The agent runs as `otel-ebpf run --targets nginx`,
+exporting OTLP/gRPC to a receiver in this process, three ways (agent.AGENT_VARIANTS).
+
+With BPF statistics on (bpfstats), each run also reads the run time of the tool's own
+BPF programs: nanoseconds per request inside nginx's worker, the agent's against
+bpftrace's at the same points.
 
 nginx runs one worker, wrk one thread (-t1 -c32, keep-alive, a 3-byte static file),
 unpinned: on two cores they, the agent and everything else share both (pinning with
@@ -18,20 +20,24 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 
-from .common import (
-    AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, Check, CountingReceiver, MachineWatch, QuietWait,
-    Table, agent_cases, agent_run_note, agent_variant_note, cpu_seconds, floor_checks, fmt_ratio, foreign_tracers,
-    noise_note, require_tool, run, run_interleaved, throughput_rows,
+from .agent import agent_cases, agent_variant_note
+from .bpfstats import BpfStats
+from .procs import BenchError, require_tool, run
+from .readings import cpu_seconds
+from .receiver import CountingReceiver
+from .report import (
+    Check, Table, bpf_note, bpf_time_check, floor_checks, fmt_num, fmt_ratio, run_interleaved, throughput_headers,
+    throughput_rows,
 )
+from .stats import median
+from .throughput import LoadResult, agent_tool, bpftrace_tool, measure, no_tool
+from .tools import Bpftrace, ProbePoint, agent_probe_points
 
 WORKERS = 1
 URL_PATH = "/static/ok.txt"
 UNAVAILABLE = "nginx: target not available in this build"
-
-
 BPFTRACE_DURATIONS = "bpftrace, durations"
 
 
@@ -49,39 +55,17 @@ def load_nginx():
     return NginxTarget, NginxServer
 
 
-def probe_points(target_cls, path: str) -> list[tuple[str, str, str]]:
-    """(bpftrace probe type, symbol, agent label) for every probe point the agent attaches."""
-    from otel_ebpf.config import Config
-    from otel_ebpf.elf import elf_info
-
-    plan = target_cls().plan(path, Config(targets=("nginx",)))
-    info = elf_info(path)
-    by_offset: dict[int, list[str]] = {}
-    for sym in info.symbols_matching(r"[A-Za-z_][\w.@]*"):
-        if sym.file_offset >= 0:
-            by_offset.setdefault(sym.file_offset, []).append(sym.name)
-    points = []
-    for spec in plan.attach:
-        names = by_offset.get(spec.offset)
-        if not names:
-            raise BenchError(f"no symbol at file offset {spec.offset:#x} of {path} ({spec.label})")
-        # Aliases at one offset: prefer the one the label names.
-        name = next((n for n in names if n in spec.label), names[0])
-        points.append(("uretprobe" if spec.retprobe else "uprobe", name, spec.label))
-    return points
+def bpftrace_script(path: str, points: list[ProbePoint]) -> str:
+    return "".join(f"{p.bpftrace(path)} {{ @p{i} = count(); }}\n" for i, p in enumerate(points))
 
 
-def bpftrace_script(path: str, points: list[tuple[str, str, str]]) -> str:
-    return "".join(f"{kind}:{path}:{sym} {{ @p{i} = count(); }}\n" for i, (kind, sym, _) in enumerate(points))
-
-
-def bpftrace_durations_script(path: str, points: list[tuple[str, str, str]]) -> str:
+def bpftrace_durations_script(path: str, points: list[ProbePoint]) -> str:
     """The least a latency tool does at the same two points: a start time per request
     (keyed by thread: one worker serves one request at a time between the two) and a
     histogram of durations, with a count to check it saw every request."""
-    (start_kind, start_sym, _), (end_kind, end_sym, _) = points[0], points[-1]
-    return (f"{start_kind}:{path}:{start_sym} {{ @start[tid] = nsecs; }}\n"
-            f"{end_kind}:{path}:{end_sym} /@start[tid]/ {{ @hist = hist(nsecs - @start[tid]); "
+    start, end = points[0], points[-1]
+    return (f"{start.bpftrace(path)} {{ @start[tid] = nsecs; }}\n"
+            f"{end.bpftrace(path)} /@start[tid]/ {{ @hist = hist(nsecs - @start[tid]); "
             f"delete(@start[tid]); @p0 = count(); }}\n")
 
 
@@ -111,58 +95,33 @@ def truncate_log(server) -> None:
         pass
 
 
-def run_case(case: str, server, path: str, points, duration: float, receiver: CountingReceiver,
-             runs: CaseRuns, log=print) -> None:
-    bt = agent = None
-    tool_pid = None
-    try:
-        others = QuietWait.wait(log, "nginx")
+def run_case(case: str, server, path: str, points: list[ProbePoint], duration: float,
+             receiver: CountingReceiver, runs, log=print) -> None:
+    def start_tool():
         if case == "bpftrace":
-            bt = Bpftrace(bpftrace_script(path, points), label="nginx").start()
-            tool_pid = bt.proc.pid
-        elif case == BPFTRACE_DURATIONS:
-            bt = Bpftrace(bpftrace_durations_script(path, points), label="nginx").start()
-            tool_pid = bt.proc.pid
-        elif case.startswith("agent"):
-            args, env = AGENT_VARIANTS[case]
-            agent = Agent("--targets", "nginx", *args, receiver=receiver, label="nginx-agent", env=env).start()
-            tool_pid = agent.pid
-            before = agent.health()[1]
-        truncate_log(server)
-        workers = sorted(server.worker_pids())
-        watch = MachineWatch((server.master_pid,)).start()
-        cpu0 = sum(cpu_seconds(p) for p in workers)
-        tool0 = cpu_seconds(tool_pid) if tool_pid else 0.0
-        bench0 = cpu_seconds(os.getpid())
-        t0 = time.monotonic()
+            return bpftrace_tool(bpftrace_script(path, points), "nginx", lambda out, res: (
+                f"bpftrace hits per probe {[Bpftrace.scalar(out, f'p{i}') for i in range(len(points))]} "
+                f"for {res.operations:,} requests (wrk)"))
+        if case == BPFTRACE_DURATIONS:
+            return bpftrace_tool(bpftrace_durations_script(path, points), "nginx", lambda out, res: (
+                f"bpftrace timed {Bpftrace.scalar(out, 'p0')} requests for {res.operations:,} (wrk)"))
+        if case.startswith("agent"):
+            return agent_tool(case, "nginx", receiver, "nginx-agent")
+        return no_tool()
+
+    workers: list[int] = []
+
+    def server_cpu() -> float:
+        return sum(cpu_seconds(p) for p in workers)
+
+    def load() -> LoadResult:
         result = wrk(server.url(URL_PATH), duration)
-        wall = time.monotonic() - t0
-        worker_cpu = sum(cpu_seconds(p) for p in workers) - cpu0
-        tool_cores = (cpu_seconds(tool_pid) - tool0) / wall if tool_pid else 0.0
-        bench_cores = (cpu_seconds(os.getpid()) - bench0) / wall
-        other, tracers = watch.stop()
-        others += foreign_tracers("nginx")
-        if result.errors:
-            runs.notes.append(f"wrk: {result.errors}")
-        runs.add(result.rps, result.requests, worker_cpu, tool_cores, others, noise_note(other, tracers))
-        if bt is not None:
-            out = bt.stop()
-            if case == BPFTRACE_DURATIONS:
-                runs.notes.append(f"bpftrace timed {Bpftrace.scalar(out, 'p0')} requests for {result.requests:,} "
-                                  f"(wrk)")
-            else:
-                counts = [Bpftrace.scalar(out, f"p{i}") for i in range(len(points))]
-                runs.notes.append(f"bpftrace hits per probe {counts} for {result.requests:,} requests (wrk)")
-        if agent is not None:
-            runs.notes.append(agent_run_note(before, agent.wait_drained(), f"{result.requests:,} requests",
-                                             bench_cores))
-    except BenchError as exc:
-        runs.notes.append(f"run failed: {exc}")
-    finally:
-        if bt is not None:
-            bt.stop()
-        if agent is not None:
-            agent.stop()
+        return LoadResult(result.rps, result.requests, "requests", [f"wrk: {result.errors}"] if result.errors else [])
+
+    truncate_log(server)
+    workers[:] = sorted(server.worker_pids())
+    measure(runs, target="nginx", start_tool=start_tool, load=load, server_root=server.master_pid,
+            server_cpu=server_cpu, log=log)
 
 
 def unavailable_table(why: str) -> Table:
@@ -180,25 +139,23 @@ def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[T
     server = server_cls(workers=WORKERS)
     path = os.path.realpath(server.nginx)
     try:
-        points = probe_points(target_cls, path)
+        points = agent_probe_points(target_cls, "nginx", path)
     except Exception as exc:  # noqa: BLE001 - the target under construction may refuse this build
         return [unavailable_table(f"NginxTarget.plan({path}) failed: {exc}")]
-    table = Table(
-        f"nginx: wrk -t1 -c32 -d{duration:g}s {URL_PATH} ({WORKERS} worker), {repeats} interleaved repeats",
-        ["case", "req/s per run", "median req/s", "spread", "ratio to no probes", "worker CPU µs/req",
-         "tool CPU (cores)"])
-    table.notes.append("probe points (from NginxTarget.plan): " +
-                       ", ".join(f"{kind} {sym}" for kind, sym, _ in points))
+    table = Table(f"nginx: wrk -t1 -c32 -d{duration:g}s {URL_PATH} ({WORKERS} worker), {repeats} interleaved repeats",
+                  throughput_headers("req/s", "req"))
+    table.notes.append("probe points (from NginxTarget.plan): " + ", ".join(f"{p.kind} {p.where}" for p in points))
     receiver = CountingReceiver().start()
+    stats = BpfStats().open()
     try:
-        log(f"nginx: starting nginx ({WORKERS} worker); probes: {[p[1] for p in points]}")
+        log(f"nginx: starting nginx ({WORKERS} worker); probes: {[p.where for p in points]}; BPF stats: {stats.how}")
         server.start()
         wrk(server.url(URL_PATH), 2)  # warm-up
-        CASES = cases()
-        runs = run_interleaved(CASES, repeats, lambda case, cr: run_case(
+        runs = run_interleaved(list(cases()), repeats, lambda case, cr: run_case(
             case, server, path, points, duration, receiver, cr, log), "nginx", "req/s", log)
         ratios = throughput_rows(table, runs, "nginx", "worker CPU per request")
         table.notes.insert(1, agent_variant_note())
+        table.notes.insert(2, bpf_note(stats))
         floor_checks(table, ratios, {"agent (defaults)": "nginx ratio with the agent (defaults)",
                                      "agent, every span": "nginx ratio with the agent, every request a span"},
                      "≥ bpftrace floor ratio − 0.01")
@@ -206,9 +163,19 @@ def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[T
             table.notes.append(f"{BPFTRACE_DURATIONS}: bpftrace pairing the two probes per request into a "
                                f"histogram, the least a latency tool does there: ratio "
                                f"{fmt_ratio(ratios[BPFTRACE_DURATIONS])}, against "
-                               f"{fmt_ratio(ratios['agent, spans off'])} "
-                               f"for the agent's kernel side alone (spans off)")
+                               f"{fmt_ratio(ratios['agent, spans off'])} for the agent's kernel side alone (spans off)")
+        if stats.enabled:
+            agent_ns = median(runs["agent (defaults)"].bpf_ns)
+            table.checks.append(bpf_time_check(
+                "nginx: the agent's BPF time per request (defaults)", agent_ns,
+                median(runs[BPFTRACE_DURATIONS].bpf_ns), BPFTRACE_DURATIONS))
+            table.notes.append(f"BPF time per request: the agent (defaults) {fmt_num(agent_ns, 0)} ns, bpftrace "
+                               f"counting hits {fmt_num(median(runs['bpftrace'].bpf_ns), 0)} ns, bpftrace timing "
+                               f"requests {fmt_num(median(runs[BPFTRACE_DURATIONS].bpf_ns), 0)} ns; the check compares "
+                               "with the second: a latency tool times requests, counting is no latency tool")
     finally:
+        stats.close()
         receiver.stop()
         server.stop()
     return [table]
+

@@ -1,34 +1,61 @@
-"""Benchmark 2: pgbench -S transactions/s with no probes, bpftrace, the agent, dbslower-bpfcc.
+"""PostgreSQL: pgbench -S transactions/s per protocol with no probes, bpftrace on the
+agent's probe points, the agent, dbslower-bpfcc.
 
 A throwaway cluster (otel_ebpf.servers.postgres), `pgbench -i -s 10`, then
-`pgbench -S -M simple -n -c 4 -j 2 -T <duration>` once per case and repeat, the
-cases interleaved (their order rotated each repeat). Ratios are medians over
-the no-probe median. `-n` leaves out pgbench's vacuum before each run (the same
-for every case; it would only add noise).
+`pgbench -S -M <protocol> -n -c 4 -j 2 -T <duration>` once per case and repeat, for the
+simple, extended and prepared protocols. Every (protocol, case) pair is interleaved
+with every other (the order rotated each repeat): drift hits all alike. Ratios are
+medians over the same protocol's no-probe median. `-n` leaves out pgbench's vacuum before
+each run (the same for every case; it would only add noise).
 
-Per run we also read the server's CPU per transaction (the postmaster and its
-backends: what the probes cost inside the traced process, less sensitive to the
-machine's noise than throughput) and the tool's own CPU.
+The agent's probe points come from its own plan (`PostgresTarget().plan(path, Config())`):
+query__start/done (simple protocol), query__execute__start/done at PortalRun's sites
+(one Execute of the extended protocol; also inside every simple query), transaction__abort
+and errcode() (failures only). bpftrace attaches the same USDT probes by name, which
+also takes in PortalRunMulti's query__execute sites: bpftrace 0.17 as Debian builds it
+refuses `uprobe:PATH:PortalRun+OFFSET` and addresses ("compiled without (k|u)probe offset
+support"). PortalRunMulti runs only for non-SELECT portals, so under pgbench -S its sites
+are not hit: the "BPF runs/txn" column shows the same hits per transaction for both tools.
+
+Per run also: the server's CPU per transaction (the postmaster and its backends), the
+tool's own CPU, the run time of its BPF programs per transaction (bpfstats) and, for the
+agent, its CPU per span it exported.
 """
 from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import time
 from dataclasses import dataclass
 
-from .common import (
-    AGENT_VARIANTS, Agent, BenchError, Bpftrace, CaseRuns, CountingReceiver, MachineWatch, QuietWait, Table,
-    agent_cases, agent_run_note, agent_variant_note, children_of, collect_lines, cpu_seconds, floor_checks,
-    foreign_tracers, noise_note, require_tool, run, run_interleaved, spawn, stop, throughput_rows, tree_cpu_seconds,
-)
 from otel_ebpf.servers.postgres import PostgresServer
 
+from .agent import agent_cases, agent_variant_note
+from .bpfstats import BpfStats
+from .procs import BenchError, require_tool, run
+from .readings import children_of, tree_cpu_seconds
+from .receiver import CountingReceiver
+from .report import (
+    Check, Table, bpf_note, bpf_time_check, floor_checks, fmt_num, fmt_rate, fmt_ratio, run_interleaved, throughput_headers,
+    throughput_rows,
+)
+from .stats import median, ratio, within
+from .throughput import LoadResult, ToolRun, agent_tool, bpftrace_tool, measure, no_tool
+from .tools import Bpftrace, Dbslower, ProbePoint, agent_probe_points
 
-def cases() -> tuple[str, ...]:
-    return ("no probes", "bpftrace", *agent_cases(), "dbslower-bpfcc")
+PROTOCOLS = ("simple", "extended", "prepared")
+# The agent's probe hits per statement (see the module's docstring).
+HITS = {"simple": "4: query__start/done + PortalRun's query__execute__start/done",
+        "extended": "2: PortalRun's query__execute__start/done per Execute",
+        "prepared": "2: PortalRun's query__execute__start/done per Execute"}
+MARGIN = 0.02  # the agent's ratio at most this far under bpftrace's on the same points
+BPF_FACTOR = 1.5  # the agent's BPF time per transaction at most this many times bpftrace's
+
+
+def cases(protocol: str) -> tuple[str, ...]:
+    if protocol == "simple":
+        return ("no probes", "bpftrace", *agent_cases(), "dbslower-bpfcc")
+    return ("no probes", "bpftrace", "agent (defaults)")
 
 
 # --- the cluster and pgbench ------------------------------------------------------------------
@@ -66,8 +93,9 @@ class PgCluster:
     def conn_args(self) -> list[str]:
         return ["-h", "127.0.0.1", "-p", str(self.server.port), "-U", "postgres", "postgres"]
 
-    def pgbench(self, *args: str, duration: float | None = None, timeout: float = 120.0) -> "PgbenchResult":
-        argv = [self.pgbench_bin, "-S", "-M", "simple", "-n", *args]
+    def pgbench(self, *args: str, duration: float | None = None, protocol: str = "simple",
+                timeout: float = 120.0) -> "PgbenchResult":
+        argv = [self.pgbench_bin, "-S", "-M", protocol, "-n", *args]
         if duration is not None:
             argv += ["-T", str(int(duration))]
         argv += self.conn_args()
@@ -93,96 +121,26 @@ class PgbenchResult:
 
 # --- cases --------------------------------------------------------------------------------------
 
-def bpftrace_script(binary: str) -> str:
-    return (f"usdt:{binary}:postgresql:query__start {{ @start[tid] = nsecs; }}\n"
-            f"usdt:{binary}:postgresql:query__done /@start[tid]/ {{\n"
-            f"  @us = hist((nsecs - @start[tid]) / 1000); delete(@start[tid]); @n = count();\n}}\n")
-
-
-class Dbslower:
-    """dbslower-bpfcc postgres -p PIDS -m THRESHOLD, its output collected line by line."""
-
-    def __init__(self, pids: list[int], threshold_ms: int):
-        self.bin = require_tool("dbslower-bpfcc")
-        self.argv = [self.bin, "postgres", "-p", *map(str, pids), "-m", str(threshold_ms)]
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-
-    def start(self, timeout: float = 60.0) -> "Dbslower":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its prints go to a pipe
-        self.proc = spawn(self.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        ready = collect_lines(self.proc, self.lines, "TIME(s)")
-        if not ready.wait(timeout) or self.proc.poll() is not None:
-            out = "".join(self.lines)
-            self.stop()
-            raise BenchError(f"dbslower-bpfcc did not start: {out[-800:]}")
-        time.sleep(0.3)
-        return self
-
-    def stop(self) -> list[str]:
-        """The query lines it printed."""
-        stop(self.proc, signal.SIGINT, timeout=20.0)
-        time.sleep(0.05)
-        out, seen_header = [], False
-        for line in self.lines:
-            if line.startswith("TIME(s)"):
-                seen_header = True
-            elif seen_header and re.match(r"\s*\d+\.\d+\s+\d+\s", line):
-                out.append(line)
-        return out
-
-
-def run_case(case: str, cluster: PgCluster, duration: float, receiver: CountingReceiver, runs: CaseRuns,
-             log=print) -> None:
-    tool_pid = None
-    agent = bt = dbs = None
-    try:
-        others = QuietWait.wait(log, "postgres")
-        if case == "bpftrace":
-            bt = Bpftrace(bpftrace_script(cluster.binary), label="pg").start()
-            tool_pid = bt.proc.pid
-        elif case.startswith("agent"):
-            args, env = AGENT_VARIANTS[case]
-            agent = Agent("--targets", "postgres", *args, receiver=receiver, label="pg-agent", env=env).start()
-            tool_pid = agent.pid
-            before = agent.health()[1]
-        elif case == "dbslower-bpfcc":
-            dbs = Dbslower(cluster.pids(), threshold_ms=1000).start()
-            tool_pid = dbs.proc.pid
-        watch = MachineWatch((cluster.postmaster,)).start()
-        server0 = tree_cpu_seconds(cluster.postmaster)
-        tool0 = cpu_seconds(tool_pid) if tool_pid else 0.0
-        bench0 = cpu_seconds(os.getpid())
-        t0 = time.monotonic()
-        result = cluster.pgbench("-c", "4", "-j", "2", duration=duration)
-        time.sleep(0.3)  # the postmaster reaps the backends: their CPU lands in its cutime
-        wall = time.monotonic() - t0
-        server_cpu = tree_cpu_seconds(cluster.postmaster) - server0
-        tool_cores = ((cpu_seconds(tool_pid) - tool0) / wall) if tool_pid else 0.0
-        bench_cores = (cpu_seconds(os.getpid()) - bench0) / wall
-        other, tracers = watch.stop()
-        others += foreign_tracers("postgres")
-        runs.add(result.tps, result.transactions, server_cpu, tool_cores, others, noise_note(other, tracers))
-        if bt is not None:
-            out = bt.stop()
-            seen = Bpftrace.scalar(out, "n")
-            runs.notes.append(f"bpftrace counted {seen if seen is not None else '?'} of "
-                              f"{result.transactions:,} transactions")
-        if agent is not None:
-            runs.notes.append(agent_run_note(before, agent.wait_drained(), f"{result.transactions:,} transactions",
-                                             bench_cores))
-        if dbs is not None:
-            lines = dbs.stop()
-            runs.notes.append(f"dbslower reported {len(lines)} queries (-m 1000)")
-    except BenchError as exc:
-        runs.notes.append(f"run failed: {explain(str(exc))}")
-    finally:
-        if bt is not None:
-            bt.stop()
-        if agent is not None:
-            agent.stop()
-        if dbs is not None:
-            dbs.stop()
+def bpftrace_script(binary: str, points: list[ProbePoint]) -> str:
+    """At the agent's points, the least a latency tool does there: a start time per backend
+    (tid) at each start probe, a histogram of durations and a count at each done probe, a
+    count at the failure probes."""
+    out = []
+    for p in points:
+        probe = p.bpftrace(binary)
+        if p.where.endswith("query__start"):
+            out.append(f"{probe} {{ @qs[tid] = nsecs; }}")
+        elif p.where.endswith("query__done"):
+            out.append(f"{probe} /@qs[tid]/ {{ @query_us = hist((nsecs - @qs[tid]) / 1000); delete(@qs[tid]); "
+                       "@n = count(); }")
+        elif p.where.endswith("query__execute__start"):
+            out.append(f"{probe} {{ @es[tid] = nsecs; }}")
+        elif p.where.endswith("query__execute__done"):
+            out.append(f"{probe} /@es[tid]/ {{ @execute_us = hist((nsecs - @es[tid]) / 1000); delete(@es[tid]); "
+                       "@x = count(); }")
+        else:
+            out.append(f"{probe} {{ @other = count(); }}")
+    return "\n".join(out) + "\n"
 
 
 def explain(error: str) -> str:
@@ -196,6 +154,35 @@ def explain(error: str) -> str:
                 "system-wide uprobe with the kernel-managed semaphore on the same USDT probe, and the kernel "
                 "refuses bcc's per-PID attach without one)")
     return first
+
+
+def dbslower_tool(cluster: PgCluster) -> ToolRun:
+    dbs = Dbslower(cluster.pids(), threshold_ms=1000).start()
+    return ToolRun(dbs.pid, finish=lambda result: [f"dbslower reported {len(dbs.stop())} queries (-m 1000)"],
+                   close=dbs.stop)
+
+
+def run_case(key: tuple[str, str], cluster: PgCluster, binary_points: list[ProbePoint], duration: float,
+             receiver: CountingReceiver, runs, log=print) -> None:
+    protocol, case = key
+
+    def start_tool() -> ToolRun:
+        if case == "bpftrace":
+            return bpftrace_tool(bpftrace_script(cluster.binary, binary_points), "pg", lambda out, res: (
+                f"bpftrace paired {Bpftrace.scalar(out, 'n') or 0:,} queries and "
+                f"{Bpftrace.scalar(out, 'x') or 0:,} executes for {res.operations:,} transactions"))
+        if case.startswith("agent"):
+            return agent_tool(case, "postgres", receiver, "pg-agent")
+        if case == "dbslower-bpfcc":
+            return dbslower_tool(cluster)
+        return no_tool()
+
+    def load() -> LoadResult:
+        result = cluster.pgbench("-c", "4", "-j", "2", duration=duration, protocol=protocol)
+        return LoadResult(result.tps, result.transactions, "transactions")
+
+    measure(runs, target="postgres", start_tool=start_tool, load=load, server_root=cluster.postmaster,
+            server_cpu=lambda: tree_cpu_seconds(cluster.postmaster), settle=0.3, log=log, explain=explain)
 
 
 def dbslower_coverage(cluster: PgCluster) -> str:
@@ -230,29 +217,72 @@ def dbslower_coverage(cluster: PgCluster) -> str:
 
 # --- the benchmark ---------------------------------------------------------------------------------
 
-def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print) -> list[Table]:
-    table = Table(
-        f"PostgreSQL: pgbench -S -M simple -n -c 4 -j 2 -T {duration:g} (scale 10), {repeats} interleaved repeats",
-        ["case", "tps per run", "median tps", "spread", "ratio to no probes", "server CPU µs/txn", "tool CPU (cores)"])
+def protocol_summary(runs_by_protocol: dict[str, dict], ratios: dict[str, dict], stats: BpfStats) -> Table:
+    """The protocols side by side: bpftrace and the agent (defaults), ratios and BPF time."""
+    table = Table("PostgreSQL by protocol: pgbench -S, the agent (defaults) against bpftrace on the same probe points",
+                  ["protocol", "agent's probe hits per statement", "no probes tps", "bpftrace ratio", "agent ratio",
+                   "agent − bpftrace", "BPF ns/txn bpftrace", "BPF ns/txn agent", "agent ÷ bpftrace BPF",
+                   "agent CPU µs/kept span"])
+    for protocol, runs in runs_by_protocol.items():
+        r = ratios[protocol]
+        bt, ag = runs.get("bpftrace"), runs.get("agent (defaults)")
+        bt_ns = median(bt.bpf_ns) if bt else float("nan")
+        ag_ns = median(ag.bpf_ns) if ag else float("nan")
+        b, a = r.get("bpftrace", float("nan")), r.get("agent (defaults)", float("nan"))
+        table.rows.append([f"-M {protocol}", HITS[protocol], fmt_rate(median(runs["no probes"].rates)),
+                           fmt_ratio(b), fmt_ratio(a), fmt_num(a - b, 3), fmt_num(bt_ns, 0), fmt_num(ag_ns, 0),
+                           fmt_num(ratio(ag_ns, bt_ns), 2), fmt_num(median(ag.us_per_span)) if ag else "-"])
+        table.checks.append(Check(f"pgbench -S -M {protocol}: the agent (defaults) against bpftrace on the same points",
+                                  f"{fmt_ratio(a)} (bpftrace {fmt_ratio(b)})", f"ratio ≥ bpftrace's − {MARGIN}",
+                                  within(a, b, MARGIN)))
+        if stats.enabled:
+            table.checks.append(bpf_time_check(f"PostgreSQL -M {protocol}: the agent's BPF time per transaction",
+                                               ag_ns, bt_ns, "bpftrace", BPF_FACTOR))
+    table.notes.append("ratios: the protocol's median tps over the same protocol's no-probe median; BPF ns/txn: "
+                       "the run time of the tool's BPF programs per pgbench transaction (one SELECT each)")
+    return table
+
+
+def run_benchmark(repeats: int = 3, duration: float = 10.0, log=print, protocols=PROTOCOLS) -> list[Table]:
     cluster = PgCluster()
     receiver = CountingReceiver().start()
+    stats = BpfStats().open()
+    tables: list[Table] = []
     try:
-        log(f"pg: starting a cluster and pgbench -i -s {cluster.scale}")
+        log(f"pg: starting a cluster and pgbench -i -s {cluster.scale}; BPF stats: {stats.how}")
         cluster.start()
-        cluster.pgbench("-c", "4", "-j", "2", duration=2)  # warm-up: caches, connections
-        CASES = cases()
-        runs = run_interleaved(CASES, repeats, lambda case, cr: run_case(
-            case, cluster, duration, receiver, cr, log), "pg", "tps", log)
-        ratios = throughput_rows(table, runs, "postgres", "server CPU per transaction")
-        try:
-            table.notes.append(dbslower_coverage(cluster))
-        except (BenchError, OSError) as exc:
-            table.notes.append(f"dbslower coverage check failed: {explain(str(exc))}")
-        table.notes.insert(0, agent_variant_note())
-        floor_checks(table, ratios, {"agent (defaults)": "pgbench -S ratio with the agent (defaults)",
-                                     "agent, every span": "pgbench -S ratio with the agent, every query a span"},
-                     "≥ bpftrace ratio − 0.01")
+        from otel_ebpf.targets.postgres import PostgresTarget
+
+        points = agent_probe_points(PostgresTarget, "postgres", cluster.binary)
+        for protocol in protocols:  # warm-up: caches, connections, each protocol's plans
+            cluster.pgbench("-c", "4", "-j", "2", duration=2, protocol=protocol)
+        keys = [(p, c) for p in protocols for c in cases(p)]
+        runs = run_interleaved(keys, repeats, lambda key, cr: run_case(
+            key, cluster, points, duration, receiver, cr, log), "pg", "tps", log)
+        runs_by_protocol = {p: {c: runs[(p, c)] for c in cases(p)} for p in protocols}
+        ratios = {}
+        for protocol in protocols:
+            table = Table(f"PostgreSQL: pgbench -S -M {protocol} -n -c 4 -j 2 -T {duration:g} (scale 10), "
+                          f"{repeats} interleaved repeats", throughput_headers("tps", "txn"))
+            ratios[protocol] = throughput_rows(table, runs_by_protocol[protocol], "postgres",
+                                               "server CPU per transaction")
+            if protocol == "simple":
+                table.notes.insert(0, agent_variant_note())
+                table.notes.insert(1, bpf_note(stats))
+                table.notes.insert(2, "probe points (from PostgresTarget.plan; bpftrace attaches the same by name): "
+                                   + ", ".join(f"{p.kind} {p.where}" for p in points))
+                try:
+                    table.notes.append(dbslower_coverage(cluster))
+                except (BenchError, OSError) as exc:
+                    table.notes.append(f"dbslower coverage check failed: {explain(str(exc))}")
+                floor_checks(table, ratios[protocol],
+                             {"agent (defaults)": "pgbench -S ratio with the agent (defaults)",
+                              "agent, every span": "pgbench -S ratio with the agent, every query a span"},
+                             "≥ bpftrace ratio − 0.01")
+            tables.append(table)
+        tables.append(protocol_summary(runs_by_protocol, ratios, stats))
     finally:
+        stats.close()
         receiver.stop()
         cluster.stop()
-    return [table]
+    return tables

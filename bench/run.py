@@ -1,13 +1,14 @@
 """otel-ebpf benchmark suite: `make bench` (= .venv/bin/python bench/run.py), as root.
 
-Runs the benchmarks one after the other and prints one table per benchmark (Markdown),
-then every target with PASS/MISS. Progress goes to stderr, tables to stdout (and to
---output FILE). Each benchmark stops everything it started (servers, bpftrace, agents),
-also on Ctrl-C or failure.
+Runs the benchmarks one after the other and prints their tables (Markdown), then every
+target with PASS/MISS. Progress goes to stderr, tables to stdout (and to --output FILE).
+Each benchmark stops everything it started (servers, bpftrace, agents), also on Ctrl-C
+or failure. bench/README.md says what each table measures.
 
-    bench/run.py                          # all: nginx, pg, capacity, startup (~9 minutes)
+    bench/run.py                          # all: nginx, pg, mysql, capacity, startup (~17 minutes)
     bench/run.py --only pg,startup        # a subset
     bench/run.py --repeats 5 --duration 6 # more, shorter interleaved repeats
+    bench/run.py --only pg --repeats 1 --duration 3   # a quick look (noisy)
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import capacity, nginx, pg, startup  # noqa: E402
-from bench.common import BenchError, QuietWait, Table, install_cleanup, stop_all  # noqa: E402
+from bench import capacity, mariadb_stmt, nginx, pg, startup  # noqa: E402
+from bench.machine import QuietWait  # noqa: E402
+from bench.procs import BenchError, install_cleanup, stop_all  # noqa: E402
+from bench.report import Table, checks_table  # noqa: E402
 
-BENCHMARKS = ("nginx", "pg", "capacity", "startup")
+BENCHMARKS = ("nginx", "pg", "mysql", "capacity", "startup")
 
 
 def log(message: str) -> None:
@@ -44,7 +47,8 @@ def machine_line() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="otel-ebpf benchmarks (ratios measured side by side)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per case (nginx, pg)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per case (nginx, pg, mysql)")
+    parser.add_argument("--starts", type=int, default=5, help="cold and warm starts each (startup)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk/pgbench run")
     parser.add_argument("--output", help="also write the tables (Markdown) to this file")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
@@ -81,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                     result = nginx.run_benchmark(args.repeats, args.duration, log)
                 elif name == "pg":
                     result = pg.run_benchmark(args.repeats, args.duration, log)
+                elif name == "mysql":
+                    result = mariadb_stmt.run_benchmark(args.repeats, args.duration, log)
                 elif name == "capacity":
                     result = capacity.run_benchmark(args.duration, log)
                 else:
-                    result = startup.run_benchmark(3, log)
+                    result = startup.run_benchmark(args.starts, log)
             except (BenchError, OSError) as exc:
                 failed = True
                 log(f"{name}: failed: {exc}")
@@ -102,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
     checks = [c for t in tables for c in t.checks]
     if checks:
-        lines = ["### Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
-        lines += [f"| {c.name}: {c.target} | {c.measured} | **{c.verdict}** |" for c in checks]
-        emit("\n".join(lines) + "\n")
+        emit(checks_table(checks, "Targets") + "\n")
     emit(f"(suite ran in {time.monotonic() - t_start:.0f} s)")
     if out is not None:
         out.close()

@@ -28,6 +28,7 @@ class SpanAccountant:
         self._keep = keep  # (kept spans, slow ones among them) -> the export worker
         self._rng = rng or random.Random()
         self.counts = collections.Counter[str]()  # spans.sampled_out, spans.parent_unsampled
+        self.sampled_out_by_target = collections.Counter[str]()  # both of those, per target
 
     def account(self, spans: list[SpanData]) -> None:
         slow_s = self.config.slow_threshold_s
@@ -51,10 +52,12 @@ class SpanAccountant:
                 })
             if sampler_drops(s, sampler):
                 self.counts["spans.parent_unsampled"] += 1
+                self.sampled_out_by_target[s.target] += 1
                 continue
             if (ratio < 1.0 and not target.kernel_histograms and not s.error and not is_slow
                     and not s.parent_span_id and self._rng.random() >= ratio):
                 self.counts["spans.sampled_out"] += 1
+                self.sampled_out_by_target[s.target] += 1
                 continue
             if s.trace_id is None:
                 s.trace_id, s.span_id = new_ids()

@@ -21,7 +21,7 @@ from .attacher import ATTACHING, FAILED, Attacher, CompileFn, Unit
 from .config import Config
 from .contract import Stat
 from .discovery import Selection, find_binaries
-from .drainer import Drainer, mono_to_epoch_offset, next_drain_wait
+from .drainer import IDLE_WAKE_S, Drainer, WakeableEvent, mono_to_epoch_offset, next_drain_wait
 from .exportworker import ExportWorker
 from .kstats import KernelStats
 from .metrics import MetricStore, prometheus_exposition
@@ -33,7 +33,6 @@ from .targets.base import DecodeContext, SpanData
 log = logging.getLogger(__name__)
 EXPIRY_INTERVAL_S = 5.0  # how often in-flight starts of vanished threads are dropped
 PARENTS_WINDOW_NS = 10 * 10**9  # after a span joined a trace, the kernel looks for parents this long
-STATS_INTERVAL_S = 1.0  # how often the kernel's counters are read
 
 
 class Agent:
@@ -56,7 +55,7 @@ class Agent:
         self.kstats = KernelStats(self.metrics, self.attacher.all_units, lambda: self.targets, registry.get)
         self.selection = Selection()
         self.counts = collections.Counter[str]()  # starts.expired
-        self.stop_event = threading.Event()
+        self.stop_event = WakeableEvent()
         self.ready = threading.Event()  # the first attach round is over
         self._servers: list = []
         self._warned: set[str] = set()
@@ -94,23 +93,22 @@ class Agent:
                     self.attach_new()
                     self.resources.forget_exited()
                 wait_s = next_drain_wait(records, wait_s, busy_wait_s)
+                if not records:  # nothing came: sleep until something does, then let a batch gather
+                    rescan_in = self.config.rescan_interval_s - (time.monotonic() - last_scan)
+                    self.drainer.wait_for_records(max(0.0, min(IDLE_WAKE_S, rescan_in)), self.stop_event)
                 self.stop_event.wait(wait_s)
         finally:
             self.shutdown()
 
     def attach_new(self, check: bool = False) -> None:
-        """Find binaries and attach the new ones, each on its own. bcc's compiler is not
-        thread-safe (two compiles in two threads crash the process): one at a time.
-        With `check` (the first round) a binary the configuration cannot use stops the agent."""
+        """Find binaries and attach the new ones (attacher.attach_all: compiles run side by
+        side in child processes). With `check` (the first round) a binary the configuration
+        cannot use stops the agent."""
         self.selection = find_binaries(self.targets, self.config, self._warn_once)
         if check:
             for target, path, _fid in self.selection.binaries:
                 target.check(path)
-        units = self.attacher.new_units(self.selection.binaries)
-        for unit in units:
-            self.attacher.attach(unit)
-        if units:
-            bpf.release_compiler_memory()
+        self.attacher.attach_all(self.attacher.new_units(self.selection.binaries))
         self.attacher.apply_selection(self.selection)
 
     def poll_once(self, final: bool = False) -> int:
@@ -136,20 +134,24 @@ class Agent:
             self.attacher.parents_seen(due, now + PARENTS_WINDOW_NS)
 
     def _telemetry_loop(self) -> None:
+        """Metrics when they are due and the expiry of dead threads' starts; counters are
+        read then, or when /healthz or /metrics asks (an idle agent should not wake for them)."""
         interval = self.config.metric_interval_ms / 1000.0
         next_export = time.monotonic() + interval
         next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
-        while not self.stop_event.wait(STATS_INTERVAL_S):
-            if time.monotonic() >= next_expiry:
-                next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
+        while not self.stop_event.wait(max(0.0, min(next_export, next_expiry) - time.monotonic())):
+            now = time.monotonic()
+            if now >= next_expiry:
+                next_expiry = now + EXPIRY_INTERVAL_S
                 self.counts["starts.expired"] += self.attacher.expire_inflight()
-            self.read_stats()
-            if time.monotonic() >= next_export:
-                next_export = time.monotonic() + interval
+            if now >= next_export:
+                next_export = now + interval
+                self.read_stats()
                 self.outputs.send_metrics(self.metrics, self.identity)
 
-    def read_stats(self) -> None:
-        self.kstats.read(self.agent_counts(), self.config.sample_ratio)
+    def read_stats(self, histograms: bool = True) -> None:
+        self.kstats.read(self.agent_counts(), self.config.sample_ratio, self.accountant.sampled_out_by_target,
+                         histograms=histograms)
 
     def agent_counts(self) -> collections.Counter[str]:
         return self.counts + self.exporter.counts + self.drainer.counts + self.accountant.counts
@@ -157,15 +159,20 @@ class Agent:
     def shutdown(self) -> None:
         """Detach first (the watched programs stop paying), then drain and flush."""
         self.stop_event.set()
+        began = time.monotonic()
         self.attacher.detach_all()
+        detached = time.monotonic()
         self.poll_once(final=True)
         self.exporter.stop()
         self.read_stats()
         self.outputs.send_metrics(self.metrics, self.identity)
         self.outputs.shutdown()
+        flushed = time.monotonic()
         self.attacher.close_all()
         for server in self._servers:
             health.close(server)
+        log.info("stopped in %.1f s: probes detached in %.1f s, telemetry flushed in %.1f s",
+                 time.monotonic() - began, detached - began, flushed - detached)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -175,6 +182,7 @@ class Agent:
     # --- what it says about itself --------------------------------------------------------
 
     def status(self) -> dict:
+        self.read_stats(histograms=False)  # fresh counters for whoever asks
         units = self.attacher.all_units()
         failed = [u for u in units if u.state == FAILED]
         attaching = not self.ready.is_set() or any(u.state == ATTACHING for u in units)
@@ -200,7 +208,10 @@ class Agent:
             "starts_expired": counts["starts.expired"],
             "spans_exported": counts["spans.exported"],
             "spans_dropped": sum(v for k, v in counts.items() if k.startswith("spans.dropped.")),
-            "spans_sampled_out": counts["spans.sampled_out"] + sum(u.stats[Stat.SAMPLED_OUT] for u in units),
+            "spans_sampled_out": counts["spans.sampled_out"] + counts["spans.parent_unsampled"]
+            + sum(u.stats[Stat.SAMPLED_OUT] for u in units),
+            "spans_parent_unsampled": counts["spans.parent_unsampled"],
+            "spans_kept_by_parent": sum(u.stats[Stat.KEPT_BY_PARENT] for u in units),
             "sampling_ratio": self.config.sample_ratio,
             "queue_length": len(self.exporter),
             "caches": {"resources": len(self.resources)},

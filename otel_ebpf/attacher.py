@@ -23,6 +23,7 @@ from .targets.base import Target
 log = logging.getLogger(__name__)
 
 ATTACHING, READY, FAILED = "attaching", "ready", "failed"
+CONST_AGENT_PID, CONST_WALL_MINUS_MONO_NS = 0, 1  # probes/common.h agent_consts
 
 
 class ProgramLike(Protocol):
@@ -87,6 +88,14 @@ def agent_cflags(config: Config) -> list[str]:
             f"-DPARENT_BASED={int(config.traces_sampler.startswith('parentbased_'))}"]
 
 
+def set_agent_consts(program: ProgramLike) -> None:
+    """What the kernel side needs that only this run knows (probes/common.h agent_consts):
+    the agent's pid, and the wall clock minus the monotonic one (nginx dates requests it
+    rejected early on the wall clock)."""
+    program.set_array_value("agent_consts", CONST_AGENT_PID, os.getpid())
+    program.set_array_value("agent_consts", CONST_WALL_MINUS_MONO_NS, time.time_ns() - time.monotonic_ns())
+
+
 def pid_filter_mode(selectors: Selectors) -> int:
     """probes/common.h PID_FILTER: 0 every process, 1 only listed ones, 2 all but listed."""
     if not selectors.by_process:
@@ -94,10 +103,25 @@ def pid_filter_mode(selectors: Selectors) -> int:
     return 1 if selectors.include_ports or selectors.include_containers else 2
 
 
+def default_compile_fn() -> tuple[CompileFn, bool]:
+    """(how programs are made, whether several may be made at once): compiled in child
+    processes and cached, then loaded without bcc (compiler.py); in this process with bcc
+    when libbpf is missing (bcc's compiler is not thread-safe: one at a time)."""
+    from .compiler import Compiler, loader_available
+    ok, why = loader_available()
+    if ok:
+        return Compiler(), True
+    log.warning("compiling in the agent's own process (%s): slower starts, more memory", why)
+    return bpf.compile_program, False
+
+
 class Attacher:
-    def __init__(self, config: Config, compile_fn: CompileFn | None = None):
+    def __init__(self, config: Config, compile_fn: CompileFn | None = None, concurrent: bool = False):
         self.config = config
-        self.compile_fn = compile_fn or bpf.compile_program
+        if compile_fn is None:
+            compile_fn, concurrent = default_compile_fn()
+        self.compile_fn = compile_fn
+        self.concurrent = concurrent  # units may be attached from several threads at once
         self.units: dict[tuple[str, process.FileId], Unit] = {}
         self._lock = threading.Lock()
 
@@ -113,6 +137,22 @@ class Attacher:
                 fresh.append(unit)
         return fresh
 
+    def attach_all(self, units: list[Unit]) -> None:
+        """Attach new units: side by side when compiles run in child processes (each unit is
+        ready, for /readyz, as soon as its own program is), else one after the other."""
+        if self.concurrent and len(units) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(min(len(units), 8), thread_name_prefix="otel-ebpf-attach") as pool:
+                list(pool.map(self.attach, units))
+        else:
+            for unit in units:
+                self.attach(unit)
+        if units and not self.concurrent:
+            bpf.release_compiler_memory()
+        release = getattr(self.compile_fn, "release", None)
+        if units and release is not None:
+            release()  # the compiler children go, with their memory
+
     def attach(self, unit: Unit) -> Unit:
         """Plan, compile and attach one unit; a failure is the unit's state, never raised."""
         t0 = time.monotonic()
@@ -123,6 +163,7 @@ class Attacher:
             program = self.compile_fn(f"{unit.target.name}:{unit.path}", unit.target.c_file,
                                       [*plan.cflags, *agent_cflags(self.config)])
             unit.program = program
+            set_agent_consts(program)
             t2 = time.monotonic()
             for spec in plan.attach:
                 program.attach_uprobe(spec.fn_name, unit.path, spec.offset, retprobe=spec.retprobe,
@@ -203,13 +244,22 @@ class Attacher:
         return expired
 
     def detach_all(self) -> None:
-        """Every probe off: the watched programs stop paying at once."""
-        for unit in self.all_units():
-            if unit.program is not None:
-                try:
-                    unit.program.detach_all()
-                except Exception:  # noqa: BLE001 - exiting anyway
-                    log.debug("detaching %s failed", unit.path, exc_info=True)
+        """Every probe off. The kernel takes about 0.1 s to remove each uprobe (it waits for
+        a grace period); programs detach side by side, which overlaps some of that wait."""
+        programs = [u for u in self.all_units() if u.program is not None]
+
+        def detach(unit: Unit) -> None:
+            try:
+                unit.program.detach_all()  # type: ignore[union-attr]
+            except Exception:  # noqa: BLE001 - exiting anyway
+                log.debug("detaching %s failed", unit.path, exc_info=True)
+
+        if len(programs) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(len(programs), thread_name_prefix="otel-ebpf-detach") as pool:
+                list(pool.map(detach, programs))
+        elif programs:
+            detach(programs[0])
 
     def close_all(self) -> None:
         for unit in self.all_units():

@@ -1,11 +1,15 @@
-"""The only module that touches bcc: compile a probe's C file, attach, read, detach.
+"""The only module that touches bcc: compile a probe's C file (`compile_object`, in the
+short-lived compiler process; or `compile_program` in-process), and the helpers around it.
 
-Uprobes are attached through libbcc's ``bpf_attach_uprobe`` called directly with
-its seventh argument, ``ref_ctr_offset``: the kernel then increments a USDT
-probe's semaphore in every process that maps the file, including processes
-forked or started after the attach (bcc's Python USDT class refuses system-wide
-attach to probes with semaphores). Attachments are per file (pid -1), so every
-worker and backend of a server is covered by one attach.
+bcc is imported on first use, not with this module: the agent itself loads compiled
+programs without it (otel_ebpf/loader.py) and so never maps bcc's LLVM (60 MB of RSS).
+
+With `compile_program`, uprobes are attached through libbcc's ``bpf_attach_uprobe``
+called directly with its seventh argument, ``ref_ctr_offset``: the kernel then
+increments a USDT probe's semaphore in every process that maps the file, including
+processes forked or started after the attach (bcc's Python USDT class refuses
+system-wide attach to probes with semaphores). Attachments are per file (pid -1), so
+every worker and backend of a server is covered by one attach.
 """
 from __future__ import annotations
 
@@ -17,16 +21,41 @@ import re
 import threading
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .bpfobject import CompiledObject
 
 log = logging.getLogger(__name__)
 
-try:  # bcc comes from Debian's python3-bpfcc, seen through a venv with system site packages
-    import bcc  # type: ignore[import-not-found]
+_bcc_module = None
+BCC_IMPORT_ERROR: str | None = None
 
-    BCC_IMPORT_ERROR: str | None = None
-except Exception as exc:  # noqa: BLE001 - any import failure means "no bcc"
-    bcc = None
-    BCC_IMPORT_ERROR = f"{exc.__class__.__name__}: {exc}"
+
+def _bcc():
+    """bcc, imported on first use (Debian's python3-bpfcc, through a venv with system site
+    packages); BpfError when it is not importable."""
+    global _bcc_module, BCC_IMPORT_ERROR
+    if _bcc_module is None:
+        try:
+            import bcc  # type: ignore[import-not-found]
+        except Exception as exc:  # noqa: BLE001 - any import failure means "no bcc"
+            BCC_IMPORT_ERROR = f"{exc.__class__.__name__}: {exc}"
+            raise BpfError(f"bcc is not importable ({BCC_IMPORT_ERROR}); install python3-bpfcc") from None
+        _bcc_module = bcc
+    return _bcc_module
+
+
+def bcc_available() -> tuple[bool, str]:
+    """Whether bcc can be imported, without importing it (that maps LLVM): its Python
+    package and libbcc are there."""
+    import ctypes.util
+    import importlib.util
+    if importlib.util.find_spec("bcc") is None:
+        return False, "the bcc Python package is not installed"
+    if ctypes.util.find_library("bcc") is None:
+        return False, "libbcc is not installed"
+    return True, ""
 
 
 class BpfError(Exception):
@@ -111,7 +140,7 @@ class Program:
                       ref_ctr_offset: int = 0, label: str = "") -> Attachment:
         """Attach a BPF function at a file offset of `path`, for every process (pid -1)."""
         try:
-            fd = self.bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)  # type: ignore[union-attr]
+            fd = self.bpf.load_func(fn_name.encode(), _bcc().BPF.KPROBE)
         except Exception as exc:
             raise BpfError(f"loading {fn_name} of {self.name}: {exc}") from exc
         ev_name = f"{'r' if retprobe else 'p'}_otel_ebpf_{os.getpid()}_{next(_ev_counter)}"
@@ -205,7 +234,8 @@ class Program:
             log.debug("bcc cleanup of %s failed", self.name, exc_info=True)
 
 
-_EVENT_RE = re.compile(r"^[pr]:uprobes/([pr]_otel_ebpf_(\d+)_\d+_bcc_\d+) ")
+# Events of bcc's attach ([pr]_otel_ebpf_<pid>_<n>_bcc_<pid>) and of loader.py (otel_ebpf_<pid>_<n>).
+_EVENT_RE = re.compile(r"^[pr]:uprobes/((?:[pr]_)?otel_ebpf_(\d+)_\d+(?:_bcc_\d+)?) ")
 
 
 def remove_stale_events(tracefs: str = "/sys/kernel/tracing") -> int:
@@ -277,9 +307,8 @@ def use_kernel_headers() -> str:
 
 
 def compile_program(name: str, c_file: str, cflags: list[str]) -> Program:
-    """Compile one of the shipped probe files with its -D constants."""
-    if bcc is None:
-        raise BpfError(f"bcc is not importable ({BCC_IMPORT_ERROR}); install python3-bpfcc")
+    """Compile one of the shipped probe files with its -D constants, in this process."""
+    bcc = _bcc()
     text = source_text(c_file)
     flags = ["-Wno-unused-function", "-Wno-unused-variable", *cflags]
     use_kernel_headers()
@@ -339,7 +368,55 @@ def release_compiler_memory(maps_path: str = "/proc/self/maps") -> int:
 
 
 def bcc_version() -> str:
-    if bcc is None:
-        return ""
-    return getattr(bcc, "__version__", "unknown")
+    """bcc's version from its package metadata (no import of bcc itself)."""
+    try:
+        from importlib import metadata
+        return metadata.version("bcc")
+    except Exception:  # noqa: BLE001 - Debian's package may carry no metadata
+        return "unknown"
+
+
+def compile_object(text: str, cflags: list[str]) -> "CompiledObject":
+    """Compile a probe program's text with bcc and describe what came out: its maps and
+    every function's instructions with the places that name a map (bpfobject.py). The
+    maps bcc made for it are this process's: the caller exits after writing the result."""
+    from .bpfobject import CompiledObject, FunctionSpec, MapSpec, ObjectError, find_relocations
+    from .loader import prog_type_of
+
+    bcc = _bcc()
+    use_kernel_headers()
+    flags = ["-Wno-unused-function", "-Wno-unused-variable", *cflags]
+    try:
+        b = bcc.BPF(text=text.encode(), cflags=flags)
+    except Exception as exc:
+        raise BpfError(f"compiling: {exc}") from exc
+    lib = bcc.libbcc.lib
+    for fn, restype, argtypes in (("bpf_num_tables", ct.c_size_t, [ct.c_void_p]),
+                                  ("bpf_table_name", ct.c_char_p, [ct.c_void_p, ct.c_size_t]),
+                                  ("bpf_table_fd_id", ct.c_int, [ct.c_void_p, ct.c_size_t]),
+                                  ("bpf_table_key_size_id", ct.c_size_t, [ct.c_void_p, ct.c_size_t]),
+                                  ("bpf_table_leaf_size_id", ct.c_size_t, [ct.c_void_p, ct.c_size_t])):
+        getattr(lib, fn).restype = restype
+        getattr(lib, fn).argtypes = argtypes
+    module = b.module
+    maps, fd_names = [], {}
+    for i in range(lib.bpf_num_tables(module)):
+        name = lib.bpf_table_name(module, i).decode()
+        fd = lib.bpf_table_fd_id(module, i)
+        fd_names[fd] = name
+        maps.append(MapSpec(name, lib.bpf_table_type_id(module, i), lib.bpf_table_key_size_id(module, i),
+                            lib.bpf_table_leaf_size_id(module, i), lib.bpf_table_max_entries_id(module, i),
+                            lib.bpf_table_flags_id(module, i)))
+    functions = []
+    for i in range(lib.bpf_num_functions(module)):
+        name = lib.bpf_function_name(module, i).decode()
+        start, size = lib.bpf_function_start(module, name.encode()), lib.bpf_function_size(module, name.encode())
+        insns = ct.string_at(start, size)
+        try:
+            relocations = find_relocations(insns, fd_names)
+        except ObjectError as exc:
+            raise BpfError(f"{name}: {exc}") from exc
+        functions.append(FunctionSpec(name, prog_type_of(name), insns, relocations))
+    license = (lib.bpf_module_license(module) or b"GPL").decode()
+    return CompiledObject(license, lib.bpf_module_kern_version(module), tuple(maps), tuple(functions))
 

@@ -381,3 +381,18 @@ def load(cli: Mapping[str, Any] | None = None, config_file: str | None = None,
             raise ConfigError(f"unknown option {key!r}")
         merged[key] = _check(key, value)
     return _validate(Config(**merged))
+
+
+def settings_markdown() -> str:
+    """The settings table of docs/configuration.md (a unit test keeps the two equal)."""
+    rows = ["| file key | flag | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        default = _default(s.key)
+        shown = {(): "all" if s.key == "targets" else "–", "": "–"}.get(default, default) \
+            if not isinstance(default, Mapping) else "–"
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        flag = f"`{s.option}`" if s.flag else ("`--binary TARGET=PATH`" if s.key == "binaries" else "–")
+        text = s.help.replace("|", "\\|")
+        rows.append(f"| `{s.key}` | {flag} | `{s.env}` | {shown} | {text} |")
+    return "\n".join(rows) + "\n"

@@ -107,10 +107,14 @@ def system_checks() -> list[Check]:
                     if os.path.exists(p)), None)
     checks.append(Check("tracefs", tracefs is not None,
                         tracefs or "not mounted: mount -t tracefs tracefs /sys/kernel/tracing", fatal=False))
-    checks.append(Check("bcc", bpf.bcc is not None,
-                        f"bcc {bpf.bcc_version()}" if bpf.bcc is not None
-                        else f"not importable ({bpf.BCC_IMPORT_ERROR}); install python3-bpfcc and use a venv "
-                             "with --system-site-packages"))
+    bcc_ok, bcc_why = bpf.bcc_available()
+    checks.append(Check("bcc", bcc_ok, f"bcc {bpf.bcc_version()} (compiles the probes in a child process)" if bcc_ok
+                        else f"{bcc_why}: install python3-bpfcc and use a venv with --system-site-packages"))
+    from .compiler import loader_available
+    loader_ok, loader_why = loader_available()
+    checks.append(Check("libbpf", loader_ok, "the agent loads compiled probes itself (no compiler in its process)"
+                        if loader_ok else f"{loader_why}: the agent then compiles in its own process",
+                        fatal=False))
     ok, detail = kernel_headers()
     checks.append(Check("kernel headers", ok, detail))
     return checks

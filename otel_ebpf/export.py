@@ -10,14 +10,11 @@ variables and the exporters' code.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
-import random
 import sys
 import threading
-import time
 from typing import IO, Iterable, Protocol
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest

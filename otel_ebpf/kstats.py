@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 KERNEL_COUNTERS = (("otel_ebpf.events", Stat.EVENTS), ("otel_ebpf.events.lost", Stat.LOST),
                    ("otel_ebpf.spans.sampled_out", Stat.SAMPLED_OUT),
+                   ("otel_ebpf.spans.kept_by_parent", Stat.KEPT_BY_PARENT),
                    ("otel_ebpf.starts.unmatched", Stat.UNMATCHED), ("otel_ebpf.operations", Stat.OPERATIONS))
 AGENT_DROP_REASONS = ("queue_full", "export_failed", "decode_error", "shutdown")
 
@@ -27,9 +28,15 @@ class KernelStats:
         self._targets = targets
         self._target_of = target_of
 
-    def read(self, agent_counts: Mapping[str, int], sampling_ratio: float) -> None:
-        """Every counter and histogram, cumulative, into the MetricStore."""
+    def read(self, agent_counts: Mapping[str, int], sampling_ratio: float,
+             agent_sampled_out: Mapping[str, int] | None = None, histograms: bool = True) -> None:
+        """Every counter, and the histograms unless told not to (they are many map
+        entries: read when metrics leave, not every second), cumulative, into the
+        MetricStore. `agent_sampled_out`: per target, spans the agent's sampler dropped
+        (ratio, unsampled parent) on top of the kernel's."""
         totals = collections.Counter[tuple[str, str]]()
+        for name, value in (agent_sampled_out or {}).items():
+            totals[("otel_ebpf.spans.sampled_out", name)] += value
         ringbuf: dict[str, float] = {}
         attached = failed = 0
         for unit in self._units():
@@ -46,7 +53,8 @@ class KernelStats:
             unit.ringbuf_peak = 0.0
             for key, index in KERNEL_COUNTERS:
                 totals[(key, name)] += unit.stats[index]
-        self.read_histograms(self._units())
+        if histograms:
+            self.read_histograms(self._units())
         m = self.metrics
         m.set_gauge("otel_ebpf.sampling.ratio", {}, sampling_ratio)
         for (key, name), value in totals.items():

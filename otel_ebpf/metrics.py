@@ -48,9 +48,10 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "otel_ebpf.spans.exported": ("{span}", "Spans sent to the exporter successfully"),
     "otel_ebpf.spans.dropped": ("{span}", "Spans dropped (queue full, export failed)"),
     "otel_ebpf.spans.sampled_out": ("{span}", "Operations not made spans by sampling (in the kernel or the agent)"),
+    "otel_ebpf.spans.kept_by_parent": ("{span}", "Spans kept past the span budget because their parent was sampled"),
     "otel_ebpf.probes.attached": ("{probe}", "Probe points attached"),
     "otel_ebpf.probes.failed": ("{probe}", "Probe points that could not be attached"),
-    "otel_ebpf.sampling.ratio": ("1", "Span sampling ratio in force (lowered above the span rate limit)"),
+    "otel_ebpf.sampling.ratio": ("1", "Span sampling ratio configured (the span budget samples further)"),
     "otel_ebpf.ringbuf.usage": ("1", "Fraction of the ring buffer in use at the last read"),
 }
 
@@ -223,6 +224,7 @@ METRIC_KINDS: dict[str, str] = {
     "otel_ebpf.spans.exported": "counter",
     "otel_ebpf.spans.dropped": "counter",
     "otel_ebpf.spans.sampled_out": "counter",
+    "otel_ebpf.spans.kept_by_parent": "counter",
     "otel_ebpf.probes.attached": "gauge",
     "otel_ebpf.probes.failed": "gauge",
     "otel_ebpf.sampling.ratio": "gauge",

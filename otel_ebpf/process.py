@@ -36,11 +36,21 @@ class ProcInfo:
 
 
 def _read(path: str) -> bytes | None:
+    """A whole (/proc) file, in raw reads: the agent reads many small files every few
+    seconds, and a buffered file object costs two more system calls each time."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def stat_fields(pid: int) -> tuple[str, int, int] | None:
@@ -82,8 +92,32 @@ def all_pids() -> list[int]:
         return []
 
 
+_seen: dict[int, tuple[str, ProcInfo]] = {}  # pid -> (its exe link as last read, its ProcInfo)
+
+
 def processes() -> list[ProcInfo]:
-    return [p for pid in all_pids() if (p := proc_info(pid)) is not None]
+    """Every process. The agent asks every few seconds: a pid seen before that still runs
+    the same executable keeps its ProcInfo (one readlink, not a read of its stat); one
+    that exec'd another program (a container's entrypoint script that execs the server),
+    or a pid reused by a new program, is read again."""
+    out = []
+    seen: dict[int, tuple[str, ProcInfo]] = {}
+    for pid in all_pids():
+        try:
+            link = os.readlink(f"{PROC}/{pid}/exe")
+        except OSError:
+            link = ""  # a kernel thread, a process that just exited, or not ours to see
+        known = _seen.get(pid)
+        if known is not None and known[0] == link:
+            info: ProcInfo | None = known[1]
+        else:
+            info = proc_info(pid)
+        if info is not None:
+            seen[pid] = (link, info)
+            out.append(info)
+    _seen.clear()
+    _seen.update(seen)
+    return out
 
 
 def environ_value(pid: int, name: str) -> str | None:
@@ -124,10 +158,11 @@ def container_id(pid: int) -> str | None:
     return None
 
 
-def mapped_files(pid: int, name_re: re.Pattern[str]) -> set[str]:
-    """Paths of files mapped by a process whose basename matches (e.g. libssl)."""
+def mapped_files(pid: int, name_re: re.Pattern[str], hint: bytes = b"") -> set[str]:
+    """Paths of files mapped by a process whose basename matches (e.g. libssl). `hint`:
+    bytes every match contains, to skip the parsing of maps that cannot match."""
     raw = _read(f"{PROC}/{pid}/maps")
-    if not raw:
+    if not raw or (hint and hint not in raw):
         return set()
     out: set[str] = set()
     for line in raw.decode("utf-8", "replace").splitlines():

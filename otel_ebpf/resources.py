@@ -70,7 +70,7 @@ class ResourceCache:
     MAX_PROCESSES = 1024  # least recently used first out: short-lived clients come and go
     # A cached pid is checked against /proc (its start time: a reused pid is another
     # process) at most this often: every drain asks for the pids it saw.
-    RECHECK_S = 1.0
+    RECHECK_S = 5.0  # how often a pid with spans is checked for reuse by a new process
 
     def __init__(self, configured: Mapping[str, str] | None = None, service_name_override: str | None = None):
         self._by_pid: collections.OrderedDict[int, tuple[int, dict[str, object], Resource]] = \

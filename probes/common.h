@@ -20,6 +20,9 @@
  *   parent_budget  the same, for spans kept over the budget because their parent was sampled
  *   parents_until  until when (monotonic ns) the agent saw this program's spans join traces:
  *                the kernel looks for a sampled parent in a dropped span only meanwhile
+ *   agent_consts what the agent knows only when it runs (its pid, the clock offset), set
+ *                before the probes attach: as -D flags they would change the program at
+ *                every start and defeat the cache of compiled programs
  * `dim` is a target-defined low-cardinality key, decoded by its Target.hist_attributes().
  */
 #ifndef OTEL_EBPF_COMMON_H
@@ -54,12 +57,17 @@
 #ifndef PARENT_BASED
 #define PARENT_BASED 1 /* OTEL_TRACES_SAMPLER parentbased_*: a sampled parent keeps its child */
 #endif
+/* agent_consts indexes (attacher.AGENT_CONSTS) */
+#define CONST_AGENT_PID 0
+#define CONST_WALL_MINUS_MONO_NS 1
+#define AGENT_CONSTS 2
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 BPF_ARRAY(span_budget, u64, 1);
 BPF_ARRAY(parent_budget, u64, 1);
 BPF_ARRAY(parents_until, u64, 1);
+BPF_ARRAY(agent_consts, u64, AGENT_CONSTS);
 
 /* Process selection (discovery.py: listening ports, containers). PID_FILTER 1: only the
  * processes in `pid_filter`; 2: every process but those; 0 (default): every process.
@@ -91,6 +99,12 @@ static __always_inline int pid_selected(void)
 #else
 #define pid_selected() 1
 #endif
+
+static __always_inline u64 agent_const(int index)
+{
+    u64 *value = agent_consts.lookup(&index);
+    return value ? *value : 0;
+}
 
 static __always_inline void stat_inc(int index)
 {
@@ -242,17 +256,23 @@ static __always_inline int is_blank(char ch)
     return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '(';
 }
 
-/* The keyword at a constant offset of `q` (constant so the verifier sees fixed reads). */
-#define SQL_KEYWORD(n, code, word) if ((w & KW_MASK(n)) == (word) && !is_word_char(q[off + (n)])) return (code);
-static __always_inline u32 sql_operation_at(const char *q, const int off)
+/* The keyword at offset `off` (0-3) of `q`: the bytes are copied out first, so every
+ * read of `q` is at a bounded offset the verifier accepts. */
+#define SQL_KEYWORD(n, code, word) if ((w & KW_MASK(n)) == (word) && (ends >> (n)) & 1) return (code);
+static __always_inline u32 sql_operation_at(const char *q, u32 off)
 {
     u64 w = 0;
+    u32 ends = 0; /* bit i: the byte at i ends a word (is no word character) */
+    off &= 3;
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < 9; i++) {
         char ch = q[off + i];
+        if (!is_word_char(ch))
+            ends |= 1U << i;
         if (ch >= 'a' && ch <= 'z')
             ch -= 32;
-        w |= (u64)(unsigned char)ch << (8 * i);
+        if (i < 8)
+            w |= (u64)(unsigned char)ch << (8 * i);
     }
     SQL_KEYWORD_CHAIN
     return 0;
@@ -260,16 +280,16 @@ static __always_inline u32 sql_operation_at(const char *q, const int off)
 #undef SQL_KEYWORD
 
 /* `q` holds at least 16 bytes of BPF memory (the head of the query); up to three
- * leading blanks or parentheses are skipped. */
+ * leading blanks or parentheses are skipped. One keyword comparison, not one per offset:
+ * each inlined copy costs compile time. */
 static __always_inline u32 sql_operation(const char *q)
 {
-    if (!is_blank(q[0]))
-        return sql_operation_at(q, 0);
-    if (!is_blank(q[1]))
-        return sql_operation_at(q, 1);
-    if (!is_blank(q[2]))
-        return sql_operation_at(q, 2);
-    return sql_operation_at(q, 3);
+    u32 off = 0;
+#pragma unroll
+    for (int i = 0; i < 3; i++)
+        if (off == i && is_blank(q[i]))
+            off = i + 1;
+    return sql_operation_at(q, off);
 }
 
 /* Kernel macros such as min() type-check their arguments and do not compile with the

@@ -96,9 +96,17 @@ struct lex_cstring {
     u64 length;
 };
 
+/* A server object (THD, Prepared_statement) of one process: one program serves every
+ * process of the binary, and addresses repeat across them. */
+struct object_key {
+    u64 addr;
+    u32 tgid;
+    u32 pad;
+};
+
 BPF_TABLE("lru_hash", u32, struct mysql_event, inflight, INFLIGHT_MAX);
-BPF_TABLE("lru_hash", u64, struct db_name, thd_db, INFLIGHT_MAX);
-BPF_TABLE("lru_hash", u64, struct stmt_text, stmts, STMTS_MAX);
+BPF_TABLE("lru_hash", struct object_key, struct db_name, thd_db, INFLIGHT_MAX);
+BPF_TABLE("lru_hash", struct object_key, struct stmt_text, stmts, STMTS_MAX);
 BPF_PERCPU_ARRAY(scratch, struct mysql_event, 1);
 BPF_PERCPU_ARRAY(stmt_scratch, struct stmt_text, 1);
 
@@ -109,6 +117,14 @@ static __always_inline u64 hist_dim(struct mysql_event *ev, int failed)
     if (failed)
         error = ev->error_code ? (ev->error_code & ERROR_UNKNOWN) : ERROR_UNKNOWN;
     return ((u64)DB_SYSTEM_MARIADB << 40) | (error << 8) | (ev->operation & 0xFF);
+}
+
+static __always_inline struct object_key object_of(u64 addr)
+{
+    struct object_key key = {};
+    key.addr = addr;
+    key.tgid = bpf_get_current_pid_tgid() >> 32;
+    return key;
 }
 
 /* A fresh record in this CPU's scratch slot, for the current thread. */
@@ -155,10 +171,22 @@ static __always_inline void copy_text(char *head, u32 *copied, char *tail, u32 *
         *tail_len = TAIL_MAX;
 }
 
-/* The text of the prepared statement a COM_STMT_EXECUTE ran, into its record. */
-static __always_inline void copy_statement_text(struct mysql_event *ev)
+/* The text copied only once the span is kept: a COM_STMT_EXECUTE's prepared statement
+ * (kept per statement object), or on the USDT path the query at its address (the server
+ * keeps thd->query() until the command ends). Once per record. */
+static __always_inline void copy_deferred_text(struct mysql_event *ev)
 {
-    struct stmt_text *st = stmts.lookup(&ev->stmt);
+    if (!ev->stmt || (ev->flags & FLAG_TEXT_READY))
+        return;
+    ev->flags |= FLAG_TEXT_READY;
+    if (ev->flags & FLAG_USDT) {
+        int len = bpf_probe_read_user_str(ev->query, QUERY_MAX, (void *)ev->stmt);
+        ev->copied = len > 1 ? (u32)(len - 1) : 0; /* without the NUL */
+        ev->query_len = ev->copied;
+        return;
+    }
+    struct object_key key = object_of(ev->stmt);
+    struct stmt_text *st = stmts.lookup(&key);
     if (!st)
         return; /* prepared before the agent attached, or evicted */
     ev->query_len = st->len;
@@ -171,8 +199,7 @@ static __always_inline void copy_statement_text(struct mysql_event *ev)
 /* Whether the statement's text ends with a sqlcommenter comment of a sampled parent. */
 static __always_inline int sampled_parent(struct mysql_event *ev)
 {
-    if (ev->stmt)
-        copy_statement_text(ev);
+    copy_deferred_text(ev);
     if (ev->tail_len)
         return sampled_traceparent_suffix(ev->tail + TAIL_MAX - TP_SUFFIX);
     u32 copied = ev->copied;
@@ -198,8 +225,7 @@ static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int fa
     if (!keep && parents_recently(ev->end_ns) && sampled_parent(ev))
         keep = keep_for_parent(ev->end_ns);
     if (keep) {
-        if (ev->stmt)
-            copy_statement_text(ev);
+        copy_deferred_text(ev);
         u32 size = offsetof(struct mysql_event, query) + (ev->copied & (QUERY_MAX - 1));
         if (ev->copied >= QUERY_MAX)
             size = offsetof(struct mysql_event, tail) + (ev->tail_len ? TAIL_MAX : 0);
@@ -210,7 +236,8 @@ static __always_inline void finish_query(u32 tid, struct mysql_event *ev, int fa
 
 static __always_inline void copy_current_db(struct mysql_event *ev, u64 thd)
 {
-    struct db_name *db = thd_db.lookup(&thd);
+    struct object_key key = object_of(thd);
+    struct db_name *db = thd_db.lookup(&key);
     if (db)
         __builtin_memcpy(ev->db, db->name, DB_MAX);
 }
@@ -218,15 +245,16 @@ static __always_inline void copy_current_db(struct mysql_event *ev, u64 thd)
 /* Remember a connection's database from a (pointer, length) pair in user memory. */
 static __always_inline void set_db_name(u64 thd, u64 str, u64 length)
 {
+    struct object_key key = object_of(thd);
     if (!str || !length) {
-        thd_db.delete(&thd);
+        thd_db.delete(&key);
         return;
     }
     struct db_name db = {};
     u32 n = clamp_len(length, DB_MAX - 1);
     if (bpf_probe_read_user(db.name, n & (DB_MAX - 1), (void *)str) != 0)
         return;
-    thd_db.update(&thd, &db);
+    thd_db.update(&key, &db);
 }
 
 /* ---- uprobe path: dispatch_command ----------------------------------------- */
@@ -259,7 +287,8 @@ int on_dispatch_enter(struct pt_regs *ctx)
         return 0;
     }
     if (command == COM_QUIT) {
-        thd_db.delete(&thd);
+        struct object_key key = object_of(thd);
+        thd_db.delete(&key);
         return 0;
     }
 #endif
@@ -304,7 +333,7 @@ int on_stmt_prepare(struct pt_regs *ctx)
     struct stmt_text *st = stmt_scratch.lookup(&zero);
     if (!st)
         return 0;
-    u64 stmt = PT_REGS_PARM1(ctx);
+    struct object_key stmt = object_of(PT_REGS_PARM1(ctx));
     u64 text = STMT_TEXT_ARG;
     u64 length = (u32)STMT_LENGTH_ARG;
     st->copied = 0;
@@ -326,7 +355,8 @@ int on_stmt_execute(struct pt_regs *ctx)
     if (!ev || !(ev->flags & FLAG_PREPARED) || ev->stmt)
         return 0;
     ev->stmt = PT_REGS_PARM1(ctx);
-    struct stmt_text *st = stmts.lookup(&ev->stmt);
+    struct object_key key = object_of(ev->stmt);
+    struct stmt_text *st = stmts.lookup(&key);
     if (st)
         ev->operation = st->operation;
     return 0;
@@ -342,9 +372,9 @@ int on_usdt_query_start(struct pt_regs *ctx)
     struct mysql_event *ev = new_event(tid, FLAG_USDT);
     if (!ev)
         return 0;
-    int len = bpf_probe_read_user_str(ev->query, QUERY_MAX, (void *)(ARG_QUERY));
-    ev->copied = len > 1 ? (u32)(len - 1) : 0; /* without the NUL */
-    ev->query_len = ev->copied;
+    /* The operation (for the histogram) from the head; the text itself at the end, kept spans only. */
+    ev->stmt = ARG_QUERY;
+    bpf_probe_read_user(ev->query, 16, (void *)ev->stmt);
     ev->operation = sql_operation(ev->query);
     ev->connection_id = ARG_CONNID;
     if (bpf_probe_read_user_str(ev->db, DB_MAX, (void *)(ARG_DB)) < 0)

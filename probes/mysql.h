@@ -17,12 +17,14 @@
 #define FLAG_FAILED 4
 #define FLAG_PREPARED 8  /* a COM_STMT_EXECUTE: the text is the prepared statement's */
 #define FLAG_PREPARE 16  /* a COM_STMT_PREPARE that failed */
+#define FLAG_TEXT_READY 32 /* the kernel's own: the deferred text is in query[] already */
 
 struct mysql_event {
     u64 start_ns;
     u64 end_ns;
     u64 connection_id; /* USDT only */
-    u64 stmt;          /* the Prepared_statement a COM_STMT_EXECUTE runs (0: none) */
+    u64 stmt;          /* COM_STMT_EXECUTE: the Prepared_statement it runs; USDT: the query's
+                        * address (both: text copied at the end, for kept spans only) */
     u32 pid;           /* tgid: the server process */
     u32 tid;
     u32 error_code;    /* server error number (1064, 1062, ...), 0 if none seen */

@@ -24,7 +24,7 @@
  *   HAVE_SERVER    R_CONNECTION C_LOCAL_SOCKADDR
  *   HAVE_SCHEME    R_CONNECTION C_SSL
  *   HAVE_UA        R_USER_AGENT TE_VALUE
- *   HAVE_NGX_START R_START_SEC R_START_MSEC, and WALL_MINUS_MONO_NS (measured at plan time)
+ *   HAVE_NGX_START R_START_SEC R_START_MSEC (and agent_const(CONST_WALL_MINUS_MONO_NS))
  *   HAVE_TRACEPARENT R_HEADERS TE_HASH TE_KEY TE_VALUE TE_SIZE, and TRACEPARENT_HASH (nginx's
  *                  hash of "traceparent", which it keeps for every header it parsed)
  * R_BLOCK and C_BLOCK are the bytes of ngx_http_request_t and ngx_connection_t that
@@ -35,9 +35,6 @@
 #include "common.h"
 #include "nginx.h"
 
-#ifndef WALL_MINUS_MONO_NS
-#define WALL_MINUS_MONO_NS 0ULL
-#endif
 #ifndef R_BLOCK
 #define R_BLOCK 0
 #endif
@@ -318,7 +315,7 @@ int on_request_end(struct pt_regs *ctx)
         ev->start_wall_ms = R_FIELD(sp, R_START_SEC) * 1000 + R_FIELD(sp, R_START_MSEC);
         ev->flags |= F_NGX_START;
         u64 start_wall_ns = ev->start_wall_ms * 1000000ULL;
-        u64 end_wall_ns = end + WALL_MINUS_MONO_NS;
+        u64 end_wall_ns = end + agent_const(CONST_WALL_MINUS_MONO_NS);
         duration = end_wall_ns > start_wall_ns ? end_wall_ns - start_wall_ns : 0;
 #else
         stat_inc(STAT_UNMATCHED);

@@ -18,19 +18,30 @@
  * is a constant of the binary, learned from the first simple query that runs a portal
  * (`portal_gap`). A PortalRun that deep or deeper belongs to the simple query.
  *
- * Failures never fire a done: errcode() (which every ereport with a SQLSTATE calls)
- * remembers the code, and transaction__abort closes the statement there. An error
- * outside any statement (a Parse or Bind message that fails: a syntax error, a missing
- * table, a bad parameter value) opens an error-only entry at errcode() with the text
- * debug_query_string points at then (exec_parse_message and exec_bind_message point it
- * at the statement's text; the error handler clears it before the abort). Messages the server skips after an error until Sync
- * run nothing and give no record.
+ * Failures never fire a done: errstart(elevel) (every ereport and elog; errstart_cold is
+ * the same for constant levels) marks an ERROR or worse as XX000, errcode() then gives
+ * its SQLSTATE, and transaction__abort closes the statement there. errcode() of a
+ * NOTICE or WARNING (CREATE TABLE IF NOT EXISTS, a ROLLBACK outside a transaction) is
+ * no failure and is ignored. An error outside any statement (a Parse or Bind message
+ * that fails: a syntax error, a missing table, a bad parameter value) opens an
+ * error-only entry at errstart() with the text debug_query_string points at then
+ * (exec_parse_message and exec_bind_message point it at the statement's text; the error
+ * handler clears it before the abort). Messages the server skips after an error until
+ * Sync run nothing and give no record. A ROLLBACK fires transaction__abort with no error
+ * raised, then its done: it is an ordinary statement, sampled like any other.
+ *
+ * An error inside a transaction block that has already failed (25P02) fires no abort:
+ * its entry is counted (histogram, STAT_UNMATCHED) when the backend starts its next
+ * statement, as its text may be gone by then.
  *
  * -D cflags (from otel_ebpf/targets/postgres.py):
  *   QUERY_MAX, TAIL_MAX      powers of two, bytes of query text copied from its head / tail
  *   ARG_QUERY_START, ARG_QUERY_DONE   C expressions reading the probes' first argument
  *   LOAD_BASE_QUERY_DONE, LOAD_BASE_ABORT, LOAD_BASE_EXECUTE_START, LOAD_BASE_EXECUTE_DONE,
- *   LOAD_BASE_ERRCODE        expressions giving the binary's load base at those sites
+ *   LOAD_BASE_ERRSTART, LOAD_BASE_ERRSTART_COLD   expressions giving the binary's load base at those sites
+ *   PG_ELEVEL_ERROR          the server's ERROR elevel (20 before PostgreSQL 14, then 21)
+ *   HAVE_ERRSTART (0/1)      errstart() found: without it, aborts with no code are held in user space
+ *   HAVE_ERRSTART_COLD (0/1) errstart_cold() is probed too (a build where it is not a jump to errstart)
  *   SYM_MY_PROC_PORT, SYM_POSTMASTER_PID, SYM_DEBUG_QUERY_STRING   link-time addresses
  *   PORT_OFFSETS (0/1), PORT_LADDR, PORT_RADDR, PORT_DATABASE_NAME   struct Port layout
  *   TAIL_CHUNKS              how many TAIL_MAX - 1 byte steps to look for a long query's end
@@ -42,6 +53,17 @@
 #define TAIL_CHUNKS 32
 #endif
 
+#ifndef PG_ELEVEL_ERROR
+#define PG_ELEVEL_ERROR 21
+#endif
+#ifndef HAVE_ERRSTART
+#define HAVE_ERRSTART 0
+#endif
+#ifndef HAVE_ERRSTART_COLD
+#define HAVE_ERRSTART_COLD 0
+#endif
+#define SQLSTATE_XX000 0xa28 /* MAKE_SQLSTATE('X','X','0','0','0'): an error with no code */
+
 #define PHASE_SIMPLE 1
 #define PHASE_EXTENDED 2
 #define PHASE_ERROR 3 /* errcode() outside any statement: a failing Parse or Bind */
@@ -51,10 +73,13 @@ struct inflight {
     u64 query_ptr;
     u64 sp;        /* the stack pointer at query__start, or at the outermost execute__start */
     u64 abort_ns;
+    u64 error_ns;  /* when an ERROR was raised (errstart) */
     u32 sqlstate;
     u32 phase;
     u32 aborted;
     u32 operation; /* sql_operation() of the text, for the histogram */
+    u32 error_level; /* elevel of the last errstart() */
+    u32 pad;
 };
 
 BPF_TABLE("lru_hash", u32, struct inflight, inflight, INFLIGHT_MAX);
@@ -88,11 +113,14 @@ static __always_inline u64 debug_query_string(u64 load_base)
  * lost probe hit. Counted, never exported with a text that may be gone. */
 static __always_inline void replace_stale(struct inflight *previous)
 {
-    if (previous->aborted) /* aborted by an elog(ERROR) with no SQLSTATE: XX000 */
-        hist_record(hist_dim(previous->operation, 1, 0xa28 /* MAKE_SQLSTATE XX000 */),
-                    previous->abort_ns - previous->start_ns);
-    else if (previous->phase != PHASE_ERROR)
+    if (previous->aborted) { /* aborted by an elog(ERROR) with no SQLSTATE: XX000 */
+        hist_record(hist_dim(previous->operation, 1, SQLSTATE_XX000), previous->abort_ns - previous->start_ns);
+    } else if (previous->error_ns) { /* an error with no abort: in a failed transaction block */
+        hist_record(hist_dim(previous->operation, 1, previous->sqlstate), previous->error_ns - previous->start_ns);
         stat_inc(STAT_UNMATCHED);
+    } else if (previous->phase != PHASE_ERROR) {
+        stat_inc(STAT_UNMATCHED);
+    }
 }
 
 int on_query_start(struct pt_regs *ctx)
@@ -154,26 +182,62 @@ int on_execute_start(struct pt_regs *ctx)
     return 0;
 }
 
-/* errcode(int sqlerrcode): remember the code of the error being raised. */
-int on_errcode(struct pt_regs *ctx)
+/* errstart(int elevel, ...): an ERROR or worse fails the statement (XX000 until
+ * errcode() says more); a lower level only tells errcode() to ignore its code. */
+static __always_inline int raise_level(struct pt_regs *ctx, u64 load_base)
 {
     if (!pid_selected())
         return 0;
+    u32 level = (u32)PT_REGS_PARM1(ctx);
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct inflight *entry = inflight.lookup(&tid);
+    if (level < PG_ELEVEL_ERROR) {
+        if (entry)
+            entry->error_level = level;
+        return 0;
+    }
     if (entry) {
-        entry->sqlstate = (u32)PT_REGS_PARM1(ctx);
+        if (entry->error_level < PG_ELEVEL_ERROR || !entry->error_ns) {
+            entry->error_ns = bpf_ktime_get_ns();
+            entry->sqlstate = SQLSTATE_XX000;
+        }
+        entry->error_level = level;
         return 0;
     }
     /* A Parse or Bind message failing: its text is what debug_query_string points at now
      * (the server clears it before the abort, but the text lives until the next message). */
     struct inflight fresh = {};
     fresh.start_ns = bpf_ktime_get_ns();
-    fresh.sqlstate = (u32)PT_REGS_PARM1(ctx);
+    fresh.error_ns = fresh.start_ns;
+    fresh.sqlstate = SQLSTATE_XX000;
+    fresh.error_level = level;
     fresh.phase = PHASE_ERROR;
-    fresh.query_ptr = debug_query_string(LOAD_BASE_ERRCODE);
-    fresh.operation = operation_of(fresh.query_ptr);
+    fresh.query_ptr = debug_query_string(load_base); /* its operation: at the abort (one copy of that code) */
     inflight.update(&tid, &fresh);
+    return 0;
+}
+
+int on_errstart(struct pt_regs *ctx)
+{
+    return raise_level(ctx, LOAD_BASE_ERRSTART);
+}
+
+#if HAVE_ERRSTART_COLD /* only where errstart_cold is not just a jump to errstart */
+int on_errstart_cold(struct pt_regs *ctx)
+{
+    return raise_level(ctx, LOAD_BASE_ERRSTART_COLD);
+}
+#endif
+
+/* errcode(int sqlerrcode): the SQLSTATE of the error being raised (not of a notice). */
+int on_errcode(struct pt_regs *ctx)
+{
+    if (!pid_selected())
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct inflight *entry = inflight.lookup(&tid);
+    if (entry && (!HAVE_ERRSTART || entry->error_level >= PG_ELEVEL_ERROR))
+        entry->sqlstate = (u32)PT_REGS_PARM1(ctx);
     return 0;
 }
 
@@ -182,7 +246,8 @@ int on_errcode(struct pt_regs *ctx)
  * TAIL_CHUNKS steps. Returns the bytes copied into `tail` (0: too long). */
 static __always_inline u32 read_tail(char *tail, u64 at)
 {
-#pragma unroll
+    /* A bounded loop the verifier walks (kernel >= 5.3): unrolled, it would double the compile time. */
+#pragma clang loop unroll(disable)
     for (int i = 0; i < TAIL_CHUNKS; i++) {
         long n = bpf_probe_read_user_str(tail, TAIL_MAX, (void *)at);
         if (n <= 0)
@@ -226,14 +291,14 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
 {
     u64 now = bpf_ktime_get_ns();
     u64 duration = now - entry->start_ns;
-    int keep = 1;
-    if (kind == KIND_DONE && !entry->aborted) {
+    int keep = 1; /* failures are always kept */
+    if (kind == KIND_DONE && (HAVE_ERRSTART || !entry->aborted)) {
         hist_record(hist_dim(entry->operation, 0, 0), duration);
         keep = sample_keep(now, duration, 0);
         if (!keep && parents_recently(now) && sampled_parent(query_ptr))
             keep = keep_for_parent(now);
     } else if (kind == KIND_DONE) {
-        hist_record(hist_dim(entry->operation, 0, 0), duration); /* a ROLLBACK: its abort was no error */
+        hist_record(hist_dim(entry->operation, 0, 0), duration); /* a ROLLBACK: its abort was held */
     } else if (kind == KIND_ABORT) {
         hist_record(hist_dim(entry->operation, 1, entry->sqlstate), duration);
     }
@@ -318,20 +383,22 @@ int on_transaction_abort(struct pt_regs *ctx)
     struct inflight *entry = inflight.lookup(&tid);
     if (!entry || entry->aborted)
         return 0; /* an abort outside a statement (e.g. a backend exiting mid-transaction) */
-    if (entry->phase == PHASE_ERROR) {
-        /* A Parse or Bind message failed (its text was taken at errcode()). */
-        emit(ctx, entry, KIND_ABORT, entry->query_ptr, LOAD_BASE_ABORT, PROTOCOL_MESSAGE);
-        inflight.delete(&tid);
-        return 0;
-    }
-    u32 protocol = entry->phase == PHASE_SIMPLE ? PROTOCOL_SIMPLE : PROTOCOL_EXTENDED;
-    if (entry->sqlstate) {
-        emit(ctx, entry, KIND_ABORT, entry->query_ptr, LOAD_BASE_ABORT, protocol);
+    /* A failed Parse or Bind message (its text was taken at errstart()), a failed
+     * statement, or one aborting with no error raised: a ROLLBACK, which then fires its
+     * done (without errstart() to tell them apart, user space holds that record briefly
+     * and drops it if the done follows). One emit() call: every call is inlined, and each
+     * copy costs compile time. */
+    u32 protocol = entry->phase == PHASE_SIMPLE ? PROTOCOL_SIMPLE
+                 : entry->phase == PHASE_EXTENDED ? PROTOCOL_EXTENDED : PROTOCOL_MESSAGE;
+    if (entry->phase == PHASE_ERROR)
+        entry->operation = operation_of(entry->query_ptr);
+    u32 kind = entry->error_ns || entry->phase == PHASE_ERROR || (!HAVE_ERRSTART && entry->sqlstate)
+             ? KIND_ABORT : KIND_ABORT_NO_CODE;
+    if (kind == KIND_ABORT || !HAVE_ERRSTART)
+        emit(ctx, entry, kind, entry->query_ptr, LOAD_BASE_ABORT, protocol);
+    if (kind == KIND_ABORT) {
         inflight.delete(&tid);
     } else {
-        /* A ROLLBACK statement aborts too and then fires its done; user space holds
-         * this record briefly and drops it if that done follows. */
-        emit(ctx, entry, KIND_ABORT_NO_CODE, entry->query_ptr, LOAD_BASE_ABORT, protocol);
         entry->aborted = 1;
         entry->abort_ns = bpf_ktime_get_ns();
     }

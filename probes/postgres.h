@@ -13,7 +13,7 @@
 /* pg_event.kind */
 #define KIND_DONE 1
 #define KIND_ABORT 2          /* failed with the SQLSTATE errcode() saw */
-#define KIND_ABORT_NO_CODE 3  /* aborted with no errcode(): a ROLLBACK, or an elog(ERROR) */
+#define KIND_ABORT_NO_CODE 3  /* aborted, no error seen: a ROLLBACK (sent only when errstart() is not probed) */
 
 /* pg_event.protocol: how the statement reached the server */
 #define PROTOCOL_SIMPLE 1    /* a Query message (psql, psycopg2, pgbench -M simple) */

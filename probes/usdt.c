@@ -15,16 +15,12 @@
  *   P<i>_DIM1, P<i>_DIM2   the slots (or -1) of the histogram's attributes
  *   P<i>_METRIC, P<i>_SPAN  1/0;  P<i>_MIN_NS  shortest duration sent as a span
  *   P<i>_RESOURCE     at done: the pid whose Resource the span belongs to (0: the process)
- *   OWN_PID           the agent itself (a Python catalog entry would see the agent)
  */
 #include "common.h"
 #include "usdt.h"
 
 #ifndef PAIRS
 #define PAIRS 0
-#endif
-#ifndef OWN_PID
-#define OWN_PID 0
 #endif
 
 struct pair_key {
@@ -55,7 +51,8 @@ static __always_inline u32 read_string(char *dst, u64 src)
 static __always_inline int watched(void)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    return tgid != OWN_PID && pid_selected();
+    /* not the agent itself: a Python catalog entry would see the agent's own GCs */
+    return tgid != agent_const(CONST_AGENT_PID) && pid_selected();
 }
 
 static __always_inline struct pair_key key_of(u32 pair, u64 arg_key)

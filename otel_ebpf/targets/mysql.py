@@ -39,6 +39,7 @@ INFLIGHT_MAX = 4096
 
 # Record flags (probes/mysql.h) and the dim layout (probes/mysql.c).
 FLAG_MARIADB, FLAG_USDT, FLAG_FAILED, FLAG_PREPARED, FLAG_PREPARE = 1, 2, 4, 8, 16
+FLAG_TEXT_READY = 32  # the kernel's own bookkeeping
 ERROR_UNKNOWN = 0xFFFFFF
 OTHER = "_OTHER"
 TAIL_MAX = 256  # bytes of a long query's end the kernel copies (probes/mysql.h)
@@ -279,8 +280,8 @@ class MysqlTarget(Target):
             attach = self._usdt_attach(b)
             cflags += self._usdt_cflags(path)
             cflags.append("-DDISPATCH_QUERY=0")  # USDT traces COM_QUERY; dispatch_command only COM_STMT_*
-            if b.prepared_statements:
-                attach += self._dispatch_attach(b)
+            if b.prepared_statements:  # COM_STMT_* and their connection's database
+                attach += self._dispatch_attach(b) + self._db_attach(b)
         else:
             attach = self._uprobe_attach(b)
         if b.dispatch is not None:
@@ -323,11 +324,13 @@ class MysqlTarget(Target):
         return [AttachSpec("on_dispatch_enter", offset, "dispatch_command()"),
                 AttachSpec("on_dispatch_return", offset, "dispatch_command() return", retprobe=True)]
 
+    @staticmethod
+    def _db_attach(b: MysqlBinary) -> list[AttachSpec]:
+        return [AttachSpec("on_set_db", sym.file_offset, label) for sym, label in b.db_symbols]
+
     @classmethod
     def _uprobe_attach(cls, b: MysqlBinary) -> list[AttachSpec]:
-        attach = cls._dispatch_attach(b)
-        attach += [AttachSpec("on_set_db", sym.file_offset, label) for sym, label in b.db_symbols]
-        return attach
+        return cls._dispatch_attach(b) + cls._db_attach(b)
 
     # --- what ----------------------------------------------------------------
     def hist_attributes(self, dim: int) -> dict[str, object]:

@@ -280,8 +280,6 @@ class NginxTarget(Target):
         except OSError as exc:
             raise ElfError(f"{path}: {exc.strerror}") from exc
         cflags = [f"-DURI_MAX={URI_MAX}", f"-DUA_MAX={UA_MAX}", f"-DTRACEPARENT_HASH={nginx_hash('traceparent')}ULL",
-                  # nginx dates requests rejected before process_request on the wall clock
-                  f"-DWALL_MINUS_MONO_NS={time.time_ns() - time.monotonic_ns()}ULL",
                   *layout.cflags()]
         attach = resolved.attach
         notes = [f"struct layout from {layout.source}"] if layout.source else []

@@ -29,6 +29,7 @@ import collections
 import logging
 import os
 import re
+import time
 from typing import TYPE_CHECKING, Iterable
 
 from opentelemetry.semconv.attributes import (
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 # libssl of OpenSSL 3 and 1.1 (not NSS's libssl3.so, not GnuTLS's compatibility library).
 LIBSSL_NAME = re.compile(r"^libssl\.so\.(3|1\.1)$")
+MAPS_RECHECK_S = 30.0  # how often a known process's maps are read again for a late libssl
 _LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/usr/lib",
              "/usr/local/lib", "/usr/local/lib64")
 # (function, BPF entry function); each also gets the shared return probe.
@@ -179,6 +181,7 @@ class OpensslTarget(Target):
         self._nginx_enabled: bool | None = None
         self._next_expiry_ns = 0
         self.stats: collections.Counter[str] = collections.Counter()
+        self._maps: dict[tuple[int, int], tuple[float, frozenset[str]]] = {}  # (pid, start) -> (read at, libssl paths)
 
     # --- where -------------------------------------------------------------------
 
@@ -192,12 +195,26 @@ class OpensslTarget(Target):
     def extra_paths(self, procs: list) -> list[str]:
         """The libssl files running processes map, as the agent can open them: the path
         itself, and through /proc/PID/root for processes in other mount namespaces
-        (the agent attaches once per file identity, so duplicates cost nothing)."""
+        (the agent attaches once per file identity, so duplicates cost nothing).
+
+        The agent asks every few seconds: a process's maps are read when it is new, then
+        again every MAPS_RECHECK_S (a program may load libssl late, as Python does on
+        `import ssl`); kernel threads map nothing."""
+        now = time.monotonic()
         paths: set[str] = set()
+        seen: dict[tuple[int, int], tuple[float, frozenset[str]]] = {}
         for info in procs:
-            for path in process.mapped_files(info.pid, LIBSSL_NAME):
+            if not info.exe:
+                continue
+            key = (info.pid, info.start_time)
+            cached = self._maps.get(key)
+            if cached is None or now - cached[0] >= MAPS_RECHECK_S:
+                cached = (now, frozenset(process.mapped_files(info.pid, LIBSSL_NAME, hint=b"libssl.so")))
+            seen[key] = cached
+            for path in cached[1]:
                 paths.add(path)
                 paths.add(f"/proc/{info.pid}/root{path}")
+        self._maps = seen  # processes gone are forgotten
         return sorted(paths)
 
     def inspect(self, path: str) -> Inspection:

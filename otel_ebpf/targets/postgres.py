@@ -2,9 +2,10 @@
 
 See probes/postgres.c for the kernel side: simple-protocol queries (query__start/done),
 extended-protocol Executes (query__execute__start/done in PortalRun, the outermost one
-outside a simple query), and failures in any phase (errcode() + transaction__abort;
-a failing Parse or Bind message included). An abort with no code is a ROLLBACK (its done
-follows at once) or an internal elog(ERROR): such records wait here briefly for that done.
+outside a simple query), and failures in any phase (errstart() at ERROR level, errcode()
+and transaction__abort; a failing Parse or Bind message included). Only when errstart()
+cannot be probed does the kernel send an abort with no error seen (a ROLLBACK, whose done
+follows at once): such records wait here briefly for that done.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from opentelemetry.semconv.attributes import server_attributes as SERVER
 
 from .. import process
 from ..contract import layout, sql_operation_name
-from ..elf import ElfError, ElfInfo, elf_info, instruction_pointer_expr
+from ..elf import AARCH64, X86_64, ElfError, ElfInfo, elf_info, instruction_pointer_expr
 from . import common
 from .base import (
     KIND_SERVER, BuildPlan, DecodeContext, Inspection, ProbePoint, SpanData, Target, require_resolved,
@@ -46,6 +47,10 @@ PROBE_POINTS = (
     # in PortalRunMulti (a static function PortalRun calls) would only add probe hits.
     ProbePoint("on_execute_start", usdt=f"{PROVIDER}:query__execute__start", within="PortalRun", required=False),
     ProbePoint("on_execute_done", usdt=f"{PROVIDER}:query__execute__done", within="PortalRun", required=False),
+    # errstart(elevel) tells an error from a notice or warning that also calls errcode();
+    # errstart_cold is its twin for constant levels (a jump to errstart, or a copy of it).
+    ProbePoint("on_errstart", symbols=("errstart",), required=False),
+    ProbePoint("on_errstart_cold", symbols=("errstart_cold",), required=False),
     ProbePoint("on_errcode", symbols=("errcode",), required=False),
 )
 
@@ -61,6 +66,31 @@ _CMDLINE_DB_RE = re.compile(r"^postgres: (?:[^:]+: )?(\S+) (\S+) ")
 
 def catalog() -> dict:
     return common.catalog("postgresql.yaml")
+
+
+def jumps_to(path: str, info: ElfInfo, name: str, target: str) -> bool:
+    """Whether function `name` is only a jump to `target` (PostgreSQL's errstart_cold is
+    `return errstart(...)`, which compilers make a tail jump): probing both would count
+    each error twice and compile a function for nothing."""
+    sym, dest = info.symbol(name), info.symbol(target)
+    if sym is None or dest is None:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(sym.file_offset)
+            code = fh.read(5)
+    except OSError:
+        return False
+    if info.machine == X86_64 and len(code) == 5 and code[0] == 0xE9:  # jmp rel32
+        return sym.vaddr + 5 + int.from_bytes(code[1:5], "little", signed=True) == dest.vaddr
+    if info.machine == X86_64 and len(code) >= 2 and code[0] == 0xEB:  # jmp rel8
+        return sym.vaddr + 2 + int.from_bytes(code[1:2], "little", signed=True) == dest.vaddr
+    if info.machine == AARCH64 and len(code) >= 4:
+        word = int.from_bytes(code[:4], "little")
+        if word >> 26 == 0b000101:  # b imm26
+            imm = word & 0x3FFFFFF
+            return sym.vaddr + ((imm - (1 << 26) if imm & (1 << 25) else imm) << 2) == dest.vaddr
+    return False
 
 
 def server_major_version(path: str) -> int | None:
@@ -133,14 +163,16 @@ class PostgresTarget(Target):
                     and present.get(f"{PROVIDER}:query__execute__done", False)
                     and info.symbol("debug_query_string") is not None)
         return {"simple protocol (Query)": simple, "extended protocol (Parse/Bind/Execute)": extended,
-                "errors with SQLSTATE": present.get("errcode()", False)}
+                "errors with SQLSTATE": present.get("errcode()", False) and present.get("errstart()", False)}
 
     def plan(self, path: str, config: "Config") -> BuildPlan:
         info = elf_info(path)
         resolved = resolve_probe_points(info, PROBE_POINTS)
         require_resolved(path, resolved, "PostgreSQL built without --enable-dtrace?")
         extended = self.protocols(info, resolved.present)["extended protocol (Parse/Bind/Execute)"]
-        attach = [a for a in resolved.attach if extended or not a.fn_name.startswith("on_execute")]
+        cold = resolved.present.get("errstart_cold()", False) and not jumps_to(path, info, "errstart_cold", "errstart")
+        attach = [a for a in resolved.attach if (extended or not a.fn_name.startswith("on_execute"))
+                  and (cold or a.fn_name != "on_errstart_cold")]
 
         def base(fn: str) -> str:
             offsets = {a.offset for a in attach if a.fn_name == fn}
@@ -161,7 +193,11 @@ class PostgresTarget(Target):
             f"-DLOAD_BASE_ABORT={base('on_transaction_abort')}",
             f"-DLOAD_BASE_EXECUTE_START={base('on_execute_start')}",
             f"-DLOAD_BASE_EXECUTE_DONE={base('on_execute_done')}",
-            f"-DLOAD_BASE_ERRCODE=({instruction_pointer_expr(info.machine)} - {symbol('errcode')}ULL)",
+            f"-DLOAD_BASE_ERRSTART=({instruction_pointer_expr(info.machine)} - {symbol('errstart')}ULL)",
+            f"-DLOAD_BASE_ERRSTART_COLD=({instruction_pointer_expr(info.machine)} - {symbol('errstart_cold')}ULL)",
+            f"-DHAVE_ERRSTART={1 if resolved.present.get('errstart()') else 0}",
+            f"-DHAVE_ERRSTART_COLD={1 if cold else 0}",
+            f"-DPG_ELEVEL_ERROR={20 if version is not None and version < 14 else 21}",
             f"-DSYM_POSTMASTER_PID={symbol('PostmasterPid')}ULL",
             f"-DSYM_MY_PROC_PORT={symbol('MyProcPort')}ULL",
             f"-DSYM_DEBUG_QUERY_STRING={symbol('debug_query_string')}ULL",
@@ -177,6 +213,9 @@ class PostgresTarget(Target):
             notes.append("extended-protocol statements are not seen (no query__execute__* probes in PortalRun)")
         if not resolved.present.get("errcode()"):
             notes.append("errcode() not found: failed queries get no SQLSTATE")
+        elif not resolved.present.get("errstart()"):
+            notes.append("errstart() not found: notices and warnings with a SQLSTATE may mark a statement failed; "
+                         "failing Parse/Bind messages are not seen")
         return BuildPlan(cflags, attach, notes)
 
     # --- what ----------------------------------------------------------------

@@ -3,7 +3,6 @@ file (probes/usdt.c). One program per binary holds every pair the catalog has fo
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import TYPE_CHECKING, Iterable
@@ -16,6 +15,8 @@ from ..elf import ElfError, ElfInfo, elf_info
 from ..usdt_catalog import MAX_SLOTS, MAX_STRINGS, BinarySet, Catalog, CatalogError, Pair, load_catalog
 from .base import BuildPlan, DecodeContext, Inspection, ProbePoint, SpanData, Target, resolve_probe_points
 from .common import load_base_expr
+
+MAX_PAIRS = 8  # pairs one program serves (probes/usdt.c defines on_start_0..7 and on_done_0..7)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -48,7 +49,6 @@ class UsdtCatalogTarget(Target):
     def __init__(self, catalog: Catalog | None = None) -> None:
         self._catalog = catalog
         self._pairs: tuple[Pair, ...] | None = None
-        self._resources: dict[str, str] = {}  # path -> resource mode
         self._parents: dict[int, tuple[int, float]] = {}
 
     @property
@@ -84,17 +84,22 @@ class UsdtCatalogTarget(Target):
                 if s.matches_exe(path) or (path.startswith("/proc/") and any(p.provider in providers for p in s.pairs)
                                            and any(info.usdt(p.provider, p.start) for p in s.pairs))]
 
-    def _pairs_for(self, path: str, info: ElfInfo) -> tuple[list[Pair], list[str], BinarySet | None]:
-        pairs, notes, resource = [], [], None
+    def _pairs_for(self, path: str, info: ElfInfo) -> tuple[list[tuple[Pair, BinarySet]], list[str], list[str]]:
+        """The pairs that fit the binary (each with its catalog file's set, at most
+        MAX_PAIRS), the problems of those that do not, and notes on pairs left out."""
+        fitting, problems = [], []
         for s in self._sets_for(path, info):
-            resource = s
             for pair in s.pairs:
                 problem = self._problem(pair, info)
                 if problem:
-                    notes.append(f"{pair.name} ({pair.source}): {problem}")
+                    problems.append(f"{pair.name} ({pair.source}): {problem}")
                 else:
-                    pairs.append(pair)
-        return pairs[:8], notes, resource
+                    fitting.append((pair, s))
+        left_out = []
+        if len(fitting) > MAX_PAIRS:
+            left_out.append(f"{len(fitting)} catalog pairs fit this binary; one program takes {MAX_PAIRS}: "
+                            f"not attached: {', '.join(p.name for p, _ in fitting[MAX_PAIRS:])}")
+        return fitting[:MAX_PAIRS], problems, left_out
 
     @staticmethod
     def _problem(pair: Pair, info: ElfInfo) -> str:
@@ -116,10 +121,10 @@ class UsdtCatalogTarget(Target):
             info = elf_info(path)
         except ElfError as exc:
             return Inspection(path, False, "usdt", {}, [str(exc)])
-        pairs, notes, _ = self._pairs_for(path, info)
-        present = {f"{p.provider}:{p.start}/{p.done}": True for p in pairs}
-        notes += [f"{p.name}: {p.describe()}" for p in pairs]
-        return Inspection(path, bool(pairs), "usdt", present, notes)
+        fitting, problems, left_out = self._pairs_for(path, info)
+        present = {f"{p.provider}:{p.start}/{p.done}": True for p, _ in fitting}
+        notes = problems + left_out + [f"{p.name}: {p.describe()}" for p, _ in fitting]
+        return Inspection(path, bool(fitting), "usdt", present, notes)
 
     def check(self, path: str) -> None:
         """Raise CatalogError when an entry cannot work on this binary (the agent's start)."""
@@ -127,32 +132,31 @@ class UsdtCatalogTarget(Target):
             info = elf_info(path)
         except ElfError:
             return
-        _, notes, _ = self._pairs_for(path, info)
-        if notes:
-            raise CatalogError(f"{path}: {'; '.join(notes)}")
+        _, problems, _ = self._pairs_for(path, info)
+        if problems:
+            raise CatalogError(f"{path}: {'; '.join(problems)}")
 
     def plan(self, path: str, config: "Config") -> BuildPlan:
         info = elf_info(path)
-        pairs, notes, resource = self._pairs_for(path, info)
-        if not pairs:
-            raise ElfError(f"{path}: no catalog pair fits this binary" + (f" ({'; '.join(notes)})" if notes else ""))
-        cflags = [f"-DPAIRS={len(pairs)}", f"-DOWN_PID={os.getpid()}", f"-DSTR_MAX={STR_MAX}"]
+        fitting, problems, left_out = self._pairs_for(path, info)
+        if not fitting:
+            raise ElfError(f"{path}: no catalog pair fits this binary" + (f" ({'; '.join(problems)})" if problems else ""))
+        cflags = [f"-DPAIRS={len(fitting)}", f"-DSTR_MAX={STR_MAX}"]
         points = []
-        for i, pair in enumerate(pairs):
+        for i, (pair, binary_set) in enumerate(fitting):
             cflags += self._pair_cflags(i, pair, info)
             cflags.append(f"-DP{i}_ID={self.pairs.index(pair)}")
-            cflags.append(f"-DP{i}_RESOURCE={self._resource_expr(pair, info, resource)}")
+            cflags.append(f"-DP{i}_RESOURCE={self._resource_expr(pair, info, binary_set)}")
             points += [ProbePoint(f"on_start_{i}", usdt=f"{pair.provider}:{pair.start}"),
                        ProbePoint(f"on_done_{i}", usdt=f"{pair.provider}:{pair.done}")]
         resolved = resolve_probe_points(info, points)
-        self._resources[path] = resource.resource if resource else "process"
-        return BuildPlan(cflags, resolved.attach, notes)
+        return BuildPlan(cflags, resolved.attach, problems + left_out)
 
     @staticmethod
-    def _resource_expr(pair: Pair, info: ElfInfo, binary_set: BinarySet | None) -> str:
+    def _resource_expr(pair: Pair, info: ElfInfo, binary_set: BinarySet) -> str:
         """C reading the pid the span's Resource is (a u32 global such as PostmasterPid,
         read at the done probe through the binary's load base), or 0: the process."""
-        if binary_set is None or binary_set.resource != "symbol":
+        if binary_set.resource != "symbol":
             return "0"
         sym = info.symbol(binary_set.resource_symbol)
         if sym is None:
@@ -186,6 +190,10 @@ class UsdtCatalogTarget(Target):
         return [f"-D{k}={v}" for k, v in flags.items()]
 
     # --- what ----------------------------------------------------------------------------
+    def _resource_mode(self, pair: Pair) -> str:
+        """`resource:` of the catalog file the pair comes from."""
+        return next((s.resource for s in self.catalog.sets if any(p is pair for p in s.pairs)), "process")
+
     def _pair(self, number: int) -> Pair | None:
         pairs = self.pairs
         return pairs[number] if 0 <= number < len(pairs) else None
@@ -226,13 +234,13 @@ class UsdtCatalogTarget(Target):
                     attrs[a.name] = a.value(_signed(args[a.slot]))
             name = span_name(pair.span_name, attrs) if pair.span_name else pair.name
             out.append(SpanData(name, pair.span_kind, start + offset, end + offset, attrs,
-                                resource_pid=resource_pid or self._resource_pid(pid), target=self.name))
+                                resource_pid=resource_pid or self._resource_pid(pid, pair), target=self.name))
         return out
 
-    def _resource_pid(self, pid: int) -> int:
-        """With `resource: parent` files, a child's spans go to its parent running the same
-        executable (a PostgreSQL backend's postmaster)."""
-        if "parent" not in self._resources.values():
+    def _resource_pid(self, pid: int, pair: Pair) -> int:
+        """A pair of a `resource: parent` file: a child's spans go to its parent running the
+        same executable (a PostgreSQL backend's postmaster)."""
+        if self._resource_mode(pair) != "parent":
             return pid
         now = time.monotonic()
         cached = self._parents.get(pid)

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import psycopg
+import psycopg2
 import pytest
 
 from otel_ebpf.servers import run_as
@@ -223,3 +224,51 @@ def test_simple_queries_still_give_exactly_one_span(pg, agent, otlp_receiver):
                    capture_output=True)
     spans = spans_of(otlp_receiver, pg, 2)
     assert texts(spans) == ["SELECT ?; SELECT ?", "SELECT count(*) FROM items"]
+
+
+def test_notices_warnings_and_caught_errors_are_no_failures(pg, agent, otlp_receiver):
+    """errcode() runs for notices and warnings too: only an ERROR fails a statement."""
+    statements = [
+        "CREATE TABLE IF NOT EXISTS items (id int)",  # NOTICE 42P07: relation exists, skipping
+        "ROLLBACK",  # WARNING 25P01: no transaction in progress (and transaction__abort fires)
+        "DO $$ BEGIN PERFORM 1 / 0; EXCEPTION WHEN division_by_zero THEN NULL; END $$",  # caught
+        "SELECT 1",
+    ]
+    with connect(pg) as conn:  # the extended protocol
+        for sql in statements:
+            conn.execute(sql)
+    simple = psycopg2.connect(f"host=127.0.0.1 port={pg.port} user=postgres dbname=shop")
+    simple.autocommit = True
+    with simple.cursor() as cur:  # the simple protocol
+        for sql in statements:
+            cur.execute(sql)
+    simple.close()
+    spans = spans_of(otlp_receiver, pg, 2 * len(statements))
+    assert len(spans) == 2 * len(statements), texts(spans)
+    assert [s.attributes.get("error.type") for s in spans] == [None] * len(spans), texts(spans)
+    assert all(s.status_code == 0 for s in spans)
+
+
+def test_an_error_in_a_failed_transaction_block_is_counted(pg, agent, otlp_receiver):
+    """25P02 fires no abort: its span is lost, but the histogram counts it (when the
+    backend starts its next statement) and the loss is counted."""
+    simple = psycopg2.connect(f"host=127.0.0.1 port={pg.port} user=postgres dbname=shop")
+    with simple.cursor() as cur:
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            cur.execute("SELECT 1 / 0")  # psycopg2 opened a transaction block first
+        with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
+            cur.execute("SELECT 2")
+    simple.rollback()
+    simple.close()
+    spans = spans_of(otlp_receiver, pg, 3)
+    assert sorted(s.name for s in spans) == ["BEGIN", "ROLLBACK", "SELECT"], texts(spans)
+    assert [s.attributes.get("error.type") for s in spans if s.name == "SELECT"] == ["22012"]
+
+    def failed_in_block() -> int:
+        return max((p.count for _res, p, attrs in otlp_receiver.metric_points("db.server.operation.duration")
+                    if attrs.get("error.type") == "25P02"), default=0)
+
+    deadline = time.monotonic() + 10
+    while failed_in_block() < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert failed_in_block() == 1

@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from otel_ebpf import waterfall
 from otel_ebpf.servers.https import self_signed_cert
 from otel_ebpf.servers.mariadb import MariadbServer
 from otel_ebpf.servers.nginx import NginxServer
@@ -152,6 +153,21 @@ def test_agent_spans_are_children_of_the_application_spans(servers, agent, otlp_
     (mariadb_span,) = my_spans
     assert parent_of(mariadb_span).name == "mariadb-call"
 
+    # The whole trace as text (docs/trace-context.md shows one): the agent's spans indented
+    # under the application's client spans.
+    in_trace = [s for s in otlp_receiver.spans() if s.trace_id == trace_id]
+    picture = waterfall.render(waterfall.Bar(
+        s.name if s.resource.get("service.name") == "shop-app" else s.name[:40],
+        str(s.resource.get("service.name")), s.kind, s.start_ns, s.end_ns, s.span_id, s.parent_span_id)
+        for s in in_trace)
+    lines = picture.splitlines()
+    assert lines[0].startswith("shop-app: checkout (internal)")
+    assert any(line.startswith("    nginx: GET (server)") for line in lines), picture
+    assert any(line.startswith("    postgres: SELECT items (server)") for line in lines), picture
+    if os.environ.get("OTEL_EBPF_WATERFALL_OUT"):
+        with open(os.environ["OTEL_EBPF_WATERFALL_OUT"], "w") as fh:
+            fh.write(picture + "\n")
+
 
 HOSTILE_COMMENTS = [
     "/*traceparent='00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7'*/",  # too short
@@ -251,3 +267,7 @@ def test_sampled_parents_are_kept_before_unsampled_spans_when_the_budget_is_tigh
     assert len(parented) / 51 > 4 * len(plain) / 2900
     assert otlp_receiver.db_duration_counts("postgresql").get(("SELECT", None), 0) == 3001
     assert status["events_lost"] == 0
+    assert 0 < status["spans_kept_by_parent"] <= 51, status
+    unsampled_kept = len([i for i in range(30, 3001, 60)]) - status["spans_parent_unsampled"]
+    assert status["spans_parent_unsampled"] > 0 and unsampled_kept >= 0, status
+    assert status["spans_sampled_out"] >= 2900 - len(plain), "every span not exported is counted"

@@ -255,6 +255,7 @@ def test_parent_based_sampling(sampler, flags, kept_count):
     s.trace_id, s.parent_span_id, s.trace_flags = b"\x01" * 16, b"\x02" * 8, flags
     acc.account([s])
     assert sum(len(k[0]) for k in kept) == kept_count
+    assert sum(acc.sampled_out_by_target.values()) == 1 - kept_count, "a dropped child is counted, per target"
     if kept_count:
         assert kept[0][0][0].trace_id == b"\x01" * 16 and kept[0][0][0].span_id not in (None, b"\x02" * 8)
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from otel_ebpf import elf
+from otel_ebpf import cachestore, elf
 from otel_ebpf.elf import ElfInfo
 from tests.support.prereq import require
 
@@ -25,7 +25,7 @@ OTHER_ELF = shutil.which("ls") or "/bin/ls"
 def _isolated(tmp_path, monkeypatch):
     """No test writes the host's cache, and none sees another's in-process memo."""
     monkeypatch.setenv("OTEL_EBPF_CACHE_DIR", str(tmp_path / "default-cache"))
-    monkeypatch.setattr(elf, "_chosen_dir", elf._UNSET)
+    monkeypatch.setattr(cachestore, "_chosen_dir", cachestore._UNSET)
     elf._cached.cache_clear()
     yield
     elf._cached.cache_clear()
@@ -119,8 +119,8 @@ def test_a_read_only_cache_still_serves(binary, cache, monkeypatch):
     def read_only(*_args, **_kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(elf.os, "utime", read_only)
-    monkeypatch.setattr(elf.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(cachestore.os, "utime", read_only)
+    monkeypatch.setattr(cachestore.tempfile, "mkstemp", read_only)
     assert ElfInfo.load(binary, cache_dir=cache).from_cache
     assert not ElfInfo.load(OTHER_ELF, cache_dir=cache).from_cache  # and a miss is only a miss
 
@@ -130,11 +130,11 @@ def test_no_failure_inside_the_cache_reaches_the_caller(binary, cache, monkeypat
         raise RuntimeError("a bug in the cache")
 
     with monkeypatch.context() as m:
-        m.setattr(elf, "_pack_entry", broken)
+        m.setattr(cachestore, "_pack_entry", broken)
         assert not ElfInfo.load(binary, cache_dir=cache).from_cache and not entries(cache)
     ElfInfo.load(binary, cache_dir=cache)
     with monkeypatch.context() as m:
-        m.setattr(elf, "_unpack_entry", broken)
+        m.setattr(cachestore, "_unpack_entry", broken)
         assert facts_of(ElfInfo.load(binary, cache_dir=cache)) == facts_of(ElfInfo(binary))
 
 
@@ -142,10 +142,10 @@ def test_default_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("OTEL_EBPF_CACHE_DIR", "")
     assert elf.default_cache_dir() is None
     monkeypatch.delenv("OTEL_EBPF_CACHE_DIR")
-    monkeypatch.setattr(elf, "SYSTEM_CACHE_DIR", str(tmp_path / "var-cache" / "otel-ebpf"))
+    monkeypatch.setattr(cachestore, "SYSTEM_CACHE_DIR", str(tmp_path / "var-cache" / "otel-ebpf"))
     (tmp_path / "var-cache").mkdir()
     assert elf.default_cache_dir() == str(tmp_path / "var-cache" / "otel-ebpf")
-    monkeypatch.setattr(elf.os, "access", lambda *_: False)  # /var/cache not writable by us
+    monkeypatch.setattr(cachestore.os, "access", lambda *_: False)  # /var/cache not writable by us
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert elf.default_cache_dir() == str(tmp_path / "xdg" / "otel-ebpf")
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
@@ -343,7 +343,7 @@ def test_size_is_bounded_oldest_out(cache, monkeypatch, tmp_path):
     open(stale_tmp, "wb").close()
     os.utime(stale_tmp, ns=(1, 1))
     ElfInfo.load(paths[1], cache_dir=cache)
-    monkeypatch.setattr(elf, "CACHE_MAX_BYTES", sum(os.path.getsize(e) for e in entries(cache)) - one + 1)
+    monkeypatch.setattr(cachestore, "CACHE_MAX_BYTES", sum(os.path.getsize(e) for e in entries(cache)) - one + 1)
     ElfInfo.load(paths[2], cache_dir=cache)
     assert sum(os.path.getsize(e) for e in entries(cache)) <= elf.CACHE_MAX_BYTES
     assert ElfInfo.load(paths[2], cache_dir=cache).from_cache  # the newest stays

@@ -183,8 +183,8 @@ def test_trace_request_groups_spans_of_several_processes():
     assert [rs.scope_spans[0].scope.name for rs in req.resource_spans] == ["otel-ebpf", "otel-ebpf"]
 
 
-def test_resource_cache_rechecks_a_pid_for_reuse_at_most_once_a_second(monkeypatch):
-    from otel_ebpf import export, process
+def test_resource_cache_rechecks_a_pid_for_reuse_at_most_every_few_seconds(monkeypatch):
+    from otel_ebpf import process, resources
 
     starts = {"value": 100}
     calls = []
@@ -195,7 +195,7 @@ def test_resource_cache_rechecks_a_pid_for_reuse_at_most_once_a_second(monkeypat
 
     clock = {"now": 1000.0}
     monkeypatch.setattr(process, "stat_fields", stat_fields)
-    monkeypatch.setattr(export.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(resources.time, "monotonic", lambda: clock["now"])
     cache = ResourceCache(service_name_override="svc")
     first = cache.proto(77)
     calls.clear()
@@ -203,11 +203,11 @@ def test_resource_cache_rechecks_a_pid_for_reuse_at_most_once_a_second(monkeypat
         clock["now"] += 0.01
         assert cache.proto(77) is first
     assert len(calls) == 0  # the drain loop asks every 20 ms; /proc is not read each time
-    clock["now"] += 1.0
+    clock["now"] += ResourceCache.RECHECK_S
     assert cache.proto(77) is first
     assert len(calls) == 1  # checked: the same process
     starts["value"] = 200  # pid 77 is now another process
-    clock["now"] += 1.5
+    clock["now"] += ResourceCache.RECHECK_S + 0.5
     assert cache.proto(77) is not first
 
 
@@ -215,10 +215,10 @@ def test_resources_of_exited_processes_are_forgotten_once_idle(monkeypatch):
     import subprocess
     import sys
 
-    from otel_ebpf import export
+    from otel_ebpf import resources
 
     clock = {"now": 5000.0}
-    monkeypatch.setattr(export.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(resources.time, "monotonic", lambda: clock["now"])
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         cache = ResourceCache()

@@ -6,7 +6,6 @@ import dataclasses
 import os
 import re
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from otel_ebpf.elf import ElfError, elf_info
 from otel_ebpf.targets import registry
 from otel_ebpf.targets.base import DecodeContext
 from otel_ebpf.targets.mysql import (
-    ERROR_UNKNOWN, FLAG_FAILED, FLAG_MARIADB, FLAG_PREPARE, FLAG_PREPARED, FLAG_USDT, RECORD, MysqlTarget,
+    ERROR_UNKNOWN, FLAG_FAILED, FLAG_MARIADB, FLAG_PREPARE, FLAG_PREPARED, FLAG_TEXT_READY, FLAG_USDT, RECORD, MysqlTarget,
     dispatch_layout, server_flavor,
 )
 from tests.support.prereq import require
@@ -184,7 +183,8 @@ def test_header_mirrors_python_constants():
     defines = dict(re.findall(r"#define (FLAG_\w+|DB_MAX) (\w+)", source))
     assert {k: int(v, 0) for k, v in defines.items()} == {
         "FLAG_MARIADB": FLAG_MARIADB, "FLAG_USDT": FLAG_USDT, "FLAG_FAILED": FLAG_FAILED,
-        "FLAG_PREPARED": FLAG_PREPARED, "FLAG_PREPARE": FLAG_PREPARE, "DB_MAX": 64}
+        "FLAG_PREPARED": FLAG_PREPARED, "FLAG_PREPARE": FLAG_PREPARE, "FLAG_TEXT_READY": FLAG_TEXT_READY,
+        "DB_MAX": 64}
     assert re.search(r"#define ERROR_UNKNOWN (\w+)", (REPO / "probes/mysql.c").read_text()).group(1).lower() == hex(ERROR_UNKNOWN)
 
 

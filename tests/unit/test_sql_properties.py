@@ -132,7 +132,7 @@ def _pg_literal(draw: st.DrawFn, case: Case) -> str:
         out = f"'a\\' , {s} , '"  # one string with scs off, two (and code) with it on
         case.ambiguous = True
     elif kind == 26:
-        out = f"TRUE" if draw(st.booleans()) else "false"
+        out = "TRUE" if draw(st.booleans()) else "false"
         lit = []
     elif kind == 27:
         out = f"'{s}'::text"
@@ -207,7 +207,7 @@ def _my_literal(draw: st.DrawFn, case: Case) -> str:
         out = f"'\x81\\\\' , {s} , '"
         case.ambiguous = case.raw_bytes = True
     elif kind == 21:
-        out = f"TRUE" if draw(st.booleans()) else "false"
+        out = "TRUE" if draw(st.booleans()) else "false"
         lit = []
     elif kind == 22:
         out = f"DATE '{s}'"

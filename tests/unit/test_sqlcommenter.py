@@ -112,7 +112,7 @@ def test_parse_never_raises(body: str) -> None:
 
 
 def test_context_merges_and_skips_other_comments() -> None:
-    comments = [" leading note ", f"db_driver='psycopg2'", f"traceparent='{TP}'", "not='closed"]
+    comments = [" leading note ", "db_driver='psycopg2'", f"traceparent='{TP}'", "not='closed"]
     assert context_from_comments(comments) == {"db_driver": "psycopg2", "traceparent": TP}
 
 
