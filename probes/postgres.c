@@ -26,7 +26,8 @@
  * that fails: a syntax error, a missing table, a bad parameter value) opens an
  * error-only entry at errstart() with the text debug_query_string points at then
  * (exec_parse_message and exec_bind_message point it at the statement's text; the error
- * handler clears it before the abort). Messages the server skips after an error until
+ * handler clears it before the abort); not in a process that serves no client (an
+ * autovacuum worker cancelled by a lock). Messages the server skips after an error until
  * Sync run nothing and give no record. A ROLLBACK fires transaction__abort with no error
  * raised, then its done: it is an ordinary statement, sampled like any other.
  *
@@ -106,6 +107,17 @@ static __always_inline u64 debug_query_string(u64 load_base)
     u64 ptr = 0;
     bpf_probe_read_user(&ptr, sizeof(ptr), (void *)(load_base + SYM_DEBUG_QUERY_STRING));
     return ptr;
+}
+
+/* Whether this backend serves a client connection (MyProcPort is set): not autovacuum,
+ * a background worker or another auxiliary process. Unknown (no symbol): assumed so. */
+static __always_inline int serves_a_client(u64 load_base)
+{
+    if (SYM_MY_PROC_PORT == 0)
+        return 1;
+    u64 port = 0;
+    bpf_probe_read_user(&port, sizeof(port), (void *)(load_base + SYM_MY_PROC_PORT));
+    return port != 0;
 }
 
 /* A statement whose entry was never closed (its thread ran a new one): an error raised
@@ -204,6 +216,10 @@ static __always_inline int raise_level(struct pt_regs *ctx, u64 load_base)
         entry->error_level = level;
         return 0;
     }
+    /* A background process (an autovacuum worker cancelled by a lock it was in the way
+     * of: an everyday ERROR 57014) serves no client: no failed operation to report. */
+    if (!serves_a_client(load_base))
+        return 0;
     /* A Parse or Bind message failing: its text is what debug_query_string points at now
      * (the server clears it before the abort, but the text lives until the next message). */
     struct inflight fresh = {};
