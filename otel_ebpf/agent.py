@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable, Mapping
 
-from . import bpf, elf, health, outputs
+from . import bpf, elf, health, outputs, sql
 from .accountant import SpanAccountant
 from .attacher import ATTACHING, FAILED, Attacher, CompileFn, Unit
 from .config import Config
@@ -25,7 +25,7 @@ from .drainer import IDLE_WAKE_S, Drainer, WakeableEvent, mono_to_epoch_offset, 
 from .exportworker import ExportWorker
 from .kstats import KernelStats
 from .metrics import MetricStore, prometheus_exposition
-from .protobuf import set_value_length_limit
+from .protobuf import kv_cache_size, set_value_length_limit
 from .resources import ResourceCache, agent_resource
 from .targets import registry
 from .targets.base import DecodeContext, SpanData
@@ -214,8 +214,15 @@ class Agent:
             "spans_kept_by_parent": sum(u.stats[Stat.KEPT_BY_PARENT] for u in units),
             "sampling_ratio": self.config.sample_ratio,
             "queue_length": len(self.exporter),
-            "caches": {"resources": len(self.resources)},
+            "caches": self.cache_sizes(units),
         }
+
+    def cache_sizes(self, units: list[Unit]) -> dict[str, int]:
+        """Entries in each bounded cache of the agent (the soak watches them over time)."""
+        sizes = {"resources": len(self.resources), "span_attributes": kv_cache_size(), **sql.cache_sizes()}
+        for target in {id(u.target): u.target for u in units}.values():
+            sizes.update(target.cache_sizes())
+        return sizes
 
     def _prometheus(self, path: str, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
         """/metrics: the Prometheus text format, or OpenMetrics (with exemplars) when asked."""

@@ -1047,6 +1047,11 @@ def _analyze(query: object, dialect: str, max_text: int) -> SqlInfo:
 _analyze_exact = lru_cache(maxsize=1024)(_analyze)
 
 
+def cache_sizes() -> dict[str, int]:
+    """Entries in the two analysis caches (bounded), for /healthz: memory over time."""
+    return {"sql_shapes": _analyze_cached.cache_info().currsize, "sql_texts": _analyze_exact.cache_info().currsize}
+
+
 def analyze(query: str | bytes, dialect: str = "postgresql", max_text: int = DEFAULT_MAX_TEXT) -> SqlInfo:
     """Sanitized text, summary, operation and comments of ``query``; never raises.
 

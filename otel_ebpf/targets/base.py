@@ -214,6 +214,10 @@ class Target(ABC):
         """Spans held back while waiting for a record that may follow (default: none)."""
         return ()
 
+    def cache_sizes(self) -> dict[str, int]:
+        """Entries in this target's own bounded caches, for /healthz (default: none)."""
+        return {}
+
     def resource_process(self, pid: int) -> int:
         """The pid whose Resource a span from `pid` belongs to (default: itself)."""
         return pid

@@ -300,6 +300,9 @@ class NginxTarget(Target):
             attrs[NETWORK.NETWORK_PROTOCOL_VERSION] = VERSION_BY_INDEX[version]
         return attrs
 
+    def cache_sizes(self) -> dict[str, int]:
+        return {"nginx_masters": len(self._masters)}
+
     def decode(self, records: list[bytes], ctx: DecodeContext) -> Iterable[SpanData]:
         out = []
         for raw in records:

@@ -219,6 +219,9 @@ class PostgresTarget(Target):
         return BuildPlan(cflags, attach, notes)
 
     # --- what ----------------------------------------------------------------
+    def cache_sizes(self) -> dict[str, int]:
+        return {"pg_aborts_held": len(self._pending)}
+
     def decode(self, records: list[bytes], ctx: DecodeContext) -> Iterable[SpanData]:
         out: list[SpanData] = []
         pending = self._pending

@@ -209,6 +209,9 @@ class UsdtCatalogTarget(Target):
             attrs[name] = spec.value(values[n])
         return pair.metric, attrs
 
+    def cache_sizes(self) -> dict[str, int]:
+        return {"usdt_parents": len(self._parents)}
+
     def decode(self, records: list[bytes], ctx: DecodeContext) -> Iterable[SpanData]:
         out = []
         offset = ctx.mono_to_epoch_ns

@@ -3,6 +3,9 @@ receiver: the standard OTEL_* variables, identity (service.instance.id, host.*),
 for orchestrators, and discovery selectors."""
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import socket
 import time
 import urllib.request
@@ -187,6 +190,70 @@ def test_selectors_by_port_and_exclude(otlp_receiver):
     finally:
         watched.stop()
         other.stop()
+
+
+def test_selectors_by_executable_glob(otlp_receiver):
+    pg = PostgresServer().start()
+    try:
+        with agent_with(otlp_receiver, "--include-exe", "/usr/lib/postgresql/*/bin/postgres"):
+            query(pg, 3)
+            otlp_receiver.wait_for_spans(mine(pg), 3)
+            time.sleep(1.0)
+        assert len([s for s in otlp_receiver.spans() if mine(pg)(s)]) == 3
+        with agent_with(otlp_receiver, "--exclude-exe", "*/bin/postgres") as agent:
+            query(pg, 3, "SELECT 2")
+            time.sleep(1.5)
+            status = agent.health()[1]
+        assert len([s for s in otlp_receiver.spans() if mine(pg)(s)]) == 3, "excluded: no new spans"
+        assert [u for u in status["targets"] if u["target"] == "postgres"] == [], status
+    finally:
+        pg.stop()
+
+
+def move_into_a_container_cgroup(pid: int, container: str) -> str:
+    """Put a process in a cgroup named as Docker names its containers' (…/docker/<64 hex>):
+    what the agent reads from /proc/PID/cgroup to tell a container. Returns the directory."""
+    errors = []
+    for hierarchy in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        directory = os.path.join(hierarchy, "docker", container)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, "cgroup.procs"), "w") as fh:
+                fh.write(str(pid))
+            return directory
+        except OSError as exc:
+            errors.append(f"{hierarchy}: {exc.strerror}")
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+    pytest.fail("cannot create a cgroup to stand for a container: " + "; ".join(errors))
+
+
+def test_selectors_by_container(otlp_receiver):
+    container = secrets.token_hex(32)
+    inside, outside = PostgresServer().start(), PostgresServer().start()
+    directory = move_into_a_container_cgroup(inside.pid, container)  # its backends are forked into it
+    try:
+        with agent_with(otlp_receiver, "--include-containers", container[:12]):
+            query(inside, 3)
+            query(outside, 3)
+            otlp_receiver.wait_for_spans(mine(inside), 3)
+            time.sleep(1.5)
+        spans = [s for s in otlp_receiver.spans() if mine(inside)(s)]
+        assert len(spans) == 3 and {s.resource.get("container.id") for s in spans} == {container}
+        assert [s for s in otlp_receiver.spans() if mine(outside)(s)] == [], "not in the container"
+        with agent_with(otlp_receiver, "--exclude-containers", container):
+            query(inside, 2, "SELECT 2")
+            query(outside, 2, "SELECT 2")
+            otlp_receiver.wait_for_spans(mine(outside), 2)
+            time.sleep(1.5)
+        assert len([s for s in otlp_receiver.spans() if mine(inside)(s)]) == 3, "excluded: no new spans"
+        assert len([s for s in otlp_receiver.spans() if mine(outside)(s)]) == 2
+    finally:
+        inside.stop()
+        outside.stop()
+        for path in (directory, os.path.dirname(directory)):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def test_doctor_shows_what_the_selectors_pick():

@@ -355,3 +355,15 @@ def test_a_fake_program_stands_in_everywhere():
     assert wanted <= set(dir(FakeProgram))
     assert dataclasses.is_dataclass(Config)
     assert threading.current_thread()
+
+
+def test_every_cache_reports_its_size_for_healthz():
+    from otel_ebpf import sql
+    from otel_ebpf.targets import registry
+    before = sql.cache_sizes()
+    sql.analyze(f"SELECT {time.monotonic_ns()} FROM cache_size_probe")
+    after = sql.cache_sizes()
+    assert set(after) == {"sql_shapes", "sql_texts"} and after["sql_texts"] == before["sql_texts"] + 1
+    for name in registry.TARGETS:
+        sizes = registry.create(name).cache_sizes()
+        assert all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in sizes.items()), name
