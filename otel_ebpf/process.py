@@ -68,15 +68,20 @@ def stat_fields(pid: int) -> tuple[str, int, int] | None:
         return None
 
 
-def proc_info(pid: int) -> ProcInfo | None:
+def _exe_link(pid: int) -> str:
+    try:
+        return os.readlink(f"{PROC}/{pid}/exe")
+    except OSError:
+        return ""  # a kernel thread, a process that just exited, or not ours to see
+
+
+def proc_info(pid: int, exe_link: str | None = None) -> ProcInfo | None:
+    """`exe_link`: /proc/PID/exe as the caller just read it (else read here)."""
     fields = stat_fields(pid)
     if fields is None:
         return None
     comm, ppid, start = fields
-    try:
-        exe = os.readlink(f"{PROC}/{pid}/exe")
-    except OSError:
-        exe = ""
+    exe = _exe_link(pid) if exe_link is None else exe_link
     if exe.endswith(" (deleted)"):
         exe = exe[: -len(" (deleted)")]
     # /proc/PID/exe opens the running file itself, also for a replaced (deleted) binary
@@ -103,15 +108,12 @@ def processes() -> list[ProcInfo]:
     out = []
     seen: dict[int, tuple[str, ProcInfo]] = {}
     for pid in all_pids():
-        try:
-            link = os.readlink(f"{PROC}/{pid}/exe")
-        except OSError:
-            link = ""  # a kernel thread, a process that just exited, or not ours to see
+        link = _exe_link(pid)
         known = _seen.get(pid)
         if known is not None and known[0] == link:
             info: ProcInfo | None = known[1]
         else:
-            info = proc_info(pid)
+            info = proc_info(pid, link)
         if info is not None:
             seen[pid] = (link, info)
             out.append(info)

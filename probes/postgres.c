@@ -109,15 +109,20 @@ static __always_inline u64 debug_query_string(u64 load_base)
     return ptr;
 }
 
+/* MyProcPort: the backend's client connection (0 when none, or no such symbol). */
+static __always_inline u64 my_proc_port(u64 load_base)
+{
+    u64 port = 0;
+    if (SYM_MY_PROC_PORT != 0)
+        bpf_probe_read_user(&port, sizeof(port), (void *)(load_base + SYM_MY_PROC_PORT));
+    return port;
+}
+
 /* Whether this backend serves a client connection (MyProcPort is set): not autovacuum,
  * a background worker or another auxiliary process. Unknown (no symbol): assumed so. */
 static __always_inline int serves_a_client(u64 load_base)
 {
-    if (SYM_MY_PROC_PORT == 0)
-        return 1;
-    u64 port = 0;
-    bpf_probe_read_user(&port, sizeof(port), (void *)(load_base + SYM_MY_PROC_PORT));
-    return port != 0;
+    return SYM_MY_PROC_PORT == 0 || my_proc_port(load_base) != 0;
 }
 
 /* A statement whose entry was never closed (its thread ran a new one): an error raised
@@ -339,8 +344,7 @@ static __always_inline int emit(struct pt_regs *ctx, struct inflight *entry, u32
     ev->laddr[0] = 0;
     ev->laddr[1] = 0;
 #if PORT_OFFSETS
-    u64 port = 0;
-    bpf_probe_read_user(&port, sizeof(port), (void *)(load_base + SYM_MY_PROC_PORT));
+    u64 port = my_proc_port(load_base);
     if (port) {
         u64 dbname = 0;
         bpf_probe_read_user(ev->raddr, sizeof(ev->raddr), (void *)(port + PORT_RADDR));

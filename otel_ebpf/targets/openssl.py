@@ -183,11 +183,11 @@ class OpensslTarget(Target):
         self.stats: collections.Counter[str] = collections.Counter()
         self._maps: dict[tuple[int, int], tuple[float, frozenset[str]]] = {}  # (pid, start) -> (read at, libssl paths)
 
-    # --- where -------------------------------------------------------------------
-
-
     def cache_sizes(self) -> dict[str, int]:
         return {"tls_connections": len(self._conns), "tls_processes": len(self._maps), "tls_skip": len(self._skip_cache)}
+
+    # --- where -------------------------------------------------------------------
+
     def candidate_paths(self) -> list[str]:
         return [os.path.join(d, name) for d in _LIB_DIRS for name in ("libssl.so.3", "libssl.so.1.1")
                 if os.path.exists(os.path.join(d, name))]
